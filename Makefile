@@ -64,7 +64,7 @@ mathjax:
 test: $(STAMP) mathjax
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	@rc=0; $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
+	@rc=0; OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; \
 	exit $$rc
 

@@ -3,9 +3,32 @@
 The spine: a forward process (:mod:`diffcore.processes`), the targets a model may predict and
 their conversions (:mod:`diffcore.targets`), exact Gaussian and Gaussian-mixture models
 (:mod:`diffcore.analytic`), and the samplers that consume a denoiser (:mod:`diffcore.samplers`).
+Around it: networks (:mod:`diffcore.nets`), losses and the training loop (:mod:`diffcore.train`),
+data sets that ship with the packages (:mod:`diffcore.data`), likelihoods through the PF-ODE
+(:mod:`diffcore.likelihood`) and distances between laws and samples (:mod:`diffcore.metrics`).
 """
 
-from diffcore import analytic, processes, samplers, targets
+from diffcore import (
+    analytic,
+    data,
+    likelihood,
+    metrics,
+    nets,
+    processes,
+    samplers,
+    targets,
+    train,
+)
 
-__all__ = ["analytic", "processes", "samplers", "targets"]
+__all__ = [
+    "analytic",
+    "data",
+    "likelihood",
+    "metrics",
+    "nets",
+    "processes",
+    "samplers",
+    "targets",
+    "train",
+]
 __version__ = "0.1.0"

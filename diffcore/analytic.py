@@ -143,7 +143,9 @@ class GaussianMixture:
 
     def _reduce(self, per_component: Tensor, x: Tensor, t, process, label) -> Tensor:
         """Average ``(B, K, d)`` over the components with posterior weights, or pick ``label``."""
-        if label is None:
+        if label is None and self.n_components == 1:
+            out = per_component[:, 0]
+        elif label is None:
             r = self.responsibilities(x, t, process)
             out = torch.einsum("bk,bkd->bd", r, per_component)
         else:

@@ -5,6 +5,12 @@ import torch
 
 from diffcore import processes
 
+
+def pytest_configure(config):
+    # Tests run two at a time (pytest-xdist) on two cores: more threads only contend.
+    torch.set_num_threads(1)
+
+
 PROCESSES = {
     "vp": processes.VP(),
     "vp_cosine": processes.VPCosine(),

@@ -1,0 +1,144 @@
+"""The distances of diffcore.metrics against closed forms and known cases."""
+
+import math
+
+import pytest
+import scipy.linalg
+import torch
+
+from diffcore import metrics
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # small tensors: threads only contend on the 2 CI cores
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _spd(d, gen, scale=1.0):
+    a = torch.randn(d, d, generator=gen)
+    return scale * (a @ a.T / d + 0.2 * torch.eye(d))
+
+
+def test_gaussian_w2_in_one_dimension(gen):
+    # W2^2 between N(m1, s1^2) and N(m2, s2^2) is (m1 - m2)^2 + (s1 - s2)^2
+    w2 = metrics.gaussian_w2(
+        torch.tensor([0.3]), torch.tensor([[4.0]]), torch.tensor([-1.2]), torch.tensor([[0.25]])
+    )
+    assert math.isclose(float(w2), math.hypot(1.5, 2.0 - 0.5), rel_tol=1e-12)
+
+
+def test_gaussian_w2_known_cases(gen):
+    d = 4
+    m1, m2 = torch.randn(d, generator=gen), torch.randn(d, generator=gen)
+    c = _spd(d, gen)
+    # equal covariances: only the means count
+    assert math.isclose(
+        float(metrics.gaussian_w2(m1, c, m2, c)), float((m1 - m2).norm()), rel_tol=1e-7
+    )
+    # commuting covariances (one eigenbasis): the Frobenius distance of the square roots
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen))
+    l1, l2 = torch.rand(d, generator=gen) + 0.1, torch.rand(d, generator=gen) + 0.1
+    c1, c2 = q @ torch.diag(l1) @ q.T, q @ torch.diag(l2) @ q.T
+    expected = math.sqrt(float((m1 - m2).pow(2).sum() + (l1.sqrt() - l2.sqrt()).pow(2).sum()))
+    assert math.isclose(float(metrics.gaussian_w2(m1, c1, m2, c2)), expected, rel_tol=1e-10)
+    # general case against scipy's matrix square root, symmetric, and 0 on the diagonal
+    c1, c2 = _spd(d, gen), _spd(d, gen, scale=2.0)
+    cross = scipy.linalg.sqrtm(
+        scipy.linalg.sqrtm(c1.numpy()) @ c2.numpy() @ scipy.linalg.sqrtm(c1.numpy())
+    )
+    w2_sq = (
+        float((m1 - m2).pow(2).sum()) + float(torch.trace(c1 + c2)) - 2 * float(cross.real.trace())
+    )
+    assert math.isclose(float(metrics.gaussian_w2(m1, c1, m2, c2)), math.sqrt(w2_sq), rel_tol=1e-9)
+    assert math.isclose(
+        float(metrics.gaussian_w2(m1, c1, m2, c2)),
+        float(metrics.gaussian_w2(m2, c2, m1, c1)),
+        rel_tol=1e-9,
+    )
+    assert float(metrics.gaussian_w2(m1, c1, m1, c1)) < 1e-7  # the float64 round-off floor
+
+
+def test_sliced_wasserstein_zero_for_identical_sets_and_exact_in_one_dimension(gen):
+    x = torch.randn(500, 3, generator=gen)
+    assert (
+        float(metrics.sliced_wasserstein(x, x[torch.randperm(500, generator=gen)], generator=gen))
+        == 0
+    )
+    # 1-D: every direction is +-1, and the empirical W2 is that of the sorted samples
+    a, b = torch.randn(300, 1, generator=gen), 2 * torch.rand(300, 1, generator=gen) + 1
+    exact = (a.sort(0).values - b.sort(0).values).pow(2).mean().sqrt()
+    torch.testing.assert_close(
+        metrics.sliced_wasserstein(a, b, 8, generator=gen), exact, rtol=1e-12, atol=0
+    )
+
+
+def test_sliced_wasserstein_of_a_shift(gen):
+    """y = x + c: each projection's W2^2 is (theta . c)^2, whose sphere average is |c|^2 / d;
+    with the same directions, the estimate is the mean over them exactly."""
+    x = torch.randn(400, 3, generator=gen)
+    c = torch.tensor([1.0, -2.0, 0.5])
+    sw = metrics.sliced_wasserstein(x, x + c, 1000, generator=torch.Generator().manual_seed(5))
+    theta = torch.randn(3, 1000, generator=torch.Generator().manual_seed(5))
+    theta = theta / theta.norm(dim=0)
+    torch.testing.assert_close(sw, (c @ theta).pow(2).mean().sqrt(), rtol=1e-12, atol=0)
+    # and the average over the sphere: |c|^2 / d, within 5 Monte-Carlo standard errors
+    proj2 = (c @ theta).pow(2)
+    assert abs(float(sw) ** 2 - float(c @ c) / 3) <= 5 * float(proj2.std()) / math.sqrt(1000)
+
+
+def test_sliced_wasserstein_between_gaussians_in_one_dimension(gen):
+    """Against the exact W2 of N(0, 1) and N(1, 4): sqrt(1 + 1).  For n samples the empirical
+    W2^2 has a bias and spread of order log(n) / n (here ~1e-3), checked with a 0.05 margin."""
+    n = 20_000
+    x, y = torch.randn(n, 1, generator=gen), 1 + 2 * torch.randn(n, 1, generator=gen)
+    assert abs(float(metrics.sliced_wasserstein(x, y, 4, generator=gen)) - math.sqrt(2)) < 0.05
+
+
+def test_mmd_is_zero_in_mean_for_one_law_and_positive_for_two(gen):
+    """The unbiased MMD^2 of two samples of one law has mean 0: over 20 independent pairs its
+    mean lies within 5 standard errors of 0.  A shifted law gives an MMD^2 far above that."""
+    same = torch.stack(
+        [
+            metrics.mmd(torch.randn(200, 2, generator=gen), torch.randn(200, 2, generator=gen))
+            for _ in range(20)
+        ]
+    )
+    se = float(same.std()) / math.sqrt(20)
+    assert abs(float(same.mean())) <= 5 * se
+    shifted = metrics.mmd(
+        torch.randn(200, 2, generator=gen), torch.randn(200, 2, generator=gen) + 0.5
+    )
+    assert float(shifted) > 5 * float(same.std())
+    # unequal sizes are fine, and the kernel sum is symmetric in x and y
+    x, y = torch.randn(50, 2, generator=gen), torch.randn(80, 2, generator=gen)
+    torch.testing.assert_close(metrics.mmd(x, y), metrics.mmd(y, x))
+
+
+def test_metrics_refuse_bad_input():
+    z2, i2, z3 = torch.zeros(2), torch.eye(2), torch.zeros(3)
+    with pytest.raises(ValueError, match=r"same dimension, got d = 2 and 3"):
+        metrics.gaussian_w2(z2, i2, z3, torch.eye(3))
+    with pytest.raises(
+        ValueError, match=r"need mean \(d,\) and cov \(d, d\), got \(2,\) and \(3, 3\)"
+    ):
+        metrics.gaussian_w2(z2, torch.eye(3), z2, i2)
+    with pytest.raises(ValueError, match=r"same dimension, got 2 and 3"):
+        metrics.sliced_wasserstein(torch.zeros(5, 2), torch.zeros(5, 3))
+    with pytest.raises(ValueError, match=r"same size, got 5 and 6"):
+        metrics.sliced_wasserstein(torch.zeros(5, 2), torch.zeros(6, 2))
+    with pytest.raises(ValueError, match=r"x must be a \(n, d\) tensor of samples, got \(5,\)"):
+        metrics.sliced_wasserstein(torch.zeros(5), torch.zeros(5, 2))
+    with pytest.raises(ValueError, match=r"n_projections must be a positive integer, got 0"):
+        metrics.sliced_wasserstein(torch.zeros(5, 2), torch.zeros(5, 2), n_projections=0)
+    with pytest.raises(ValueError, match=r"same dimension, got 2 and 3"):
+        metrics.mmd(torch.zeros(5, 2), torch.zeros(5, 3))
+    with pytest.raises(
+        ValueError, match=r"bandwidths must be positive, got bandwidths = \(1.0, -1.0\)"
+    ):
+        metrics.mmd(torch.zeros(5, 2), torch.zeros(5, 2), bandwidths=(1.0, -1.0))
+    with pytest.raises(ValueError, match=r"at least 2 samples each, got 1 and 5"):
+        metrics.mmd(torch.zeros(1, 2), torch.zeros(5, 2))
