@@ -5,12 +5,16 @@ their conversions (:mod:`diffcore.targets`), exact Gaussian and Gaussian-mixture
 (:mod:`diffcore.analytic`), and the samplers that consume a denoiser (:mod:`diffcore.samplers`).
 Around it: networks (:mod:`diffcore.nets`), losses and the training loop (:mod:`diffcore.train`),
 data sets that ship with the packages (:mod:`diffcore.data`), likelihoods through the PF-ODE
-(:mod:`diffcore.likelihood`) and distances between laws and samples (:mod:`diffcore.metrics`).
+(:mod:`diffcore.likelihood`) and distances between laws and samples (:mod:`diffcore.metrics`);
+classifier and classifier-free guidance (:mod:`diffcore.guidance`) and flow maps: consistency
+models, CTM and MeanFlow (:mod:`diffcore.flowmap`).
 """
 
 from diffcore import (
     analytic,
     data,
+    flowmap,
+    guidance,
     likelihood,
     metrics,
     nets,
@@ -23,6 +27,8 @@ from diffcore import (
 __all__ = [
     "analytic",
     "data",
+    "flowmap",
+    "guidance",
     "likelihood",
     "metrics",
     "nets",
