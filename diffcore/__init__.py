@@ -7,7 +7,8 @@ Around it: networks (:mod:`diffcore.nets`), losses and the training loop (:mod:`
 data sets that ship with the packages (:mod:`diffcore.data`), likelihoods through the PF-ODE
 (:mod:`diffcore.likelihood`) and distances between laws and samples (:mod:`diffcore.metrics`);
 classifier and classifier-free guidance (:mod:`diffcore.guidance`) and flow maps: consistency
-models, CTM and MeanFlow (:mod:`diffcore.flowmap`).
+models, CTM and MeanFlow (:mod:`diffcore.flowmap`); and inverse problems with diffusion
+priors, PnP and exact posteriors (:mod:`diffcore.inverse`).
 """
 
 from diffcore import (
@@ -15,6 +16,7 @@ from diffcore import (
     data,
     flowmap,
     guidance,
+    inverse,
     likelihood,
     metrics,
     nets,
@@ -29,6 +31,7 @@ __all__ = [
     "data",
     "flowmap",
     "guidance",
+    "inverse",
     "likelihood",
     "metrics",
     "nets",

@@ -226,6 +226,115 @@ class GaussianMixture:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(K={self.n_components}, d={self.dim})"
 
+    # -- the exact posterior of a linear-Gaussian measurement --------------------------------
+    def _measurement(self, A, sigma_y) -> tuple[Tensor, float]:
+        A = _float_tensor(A, "A").to(self.means.dtype)
+        if A.ndim != 2 or A.shape[1] != self.dim:
+            raise ValueError(
+                f"A must be a matrix of shape (m, d) = (m, {self.dim}), got {tuple(A.shape)}"
+            )
+        if isinstance(sigma_y, Tensor) and sigma_y.numel() == 1:
+            sigma_y = float(sigma_y)
+        if not (isinstance(sigma_y, (int, float)) and math.isfinite(sigma_y) and sigma_y > 0):
+            raise ValueError(
+                f"sigma_y must be a positive finite number (the posterior of a noiseless "
+                f"measurement is singular), got sigma_y = {sigma_y!r}"
+            )
+        return A, float(sigma_y)
+
+    def _posterior_parts(self, A: Tensor, sigma_y: float):
+        r"""Per component: the evidence covariance's Cholesky factor, the Kalman gain and the
+        posterior covariance (Joseph form, symmetric and PSD by construction).
+
+        Shapes: ``chol`` ``(K, m, m)``, ``gain`` ``(K, d, m)``, ``cov`` ``(K, d, d)``.
+        """
+        m = A.shape[0]
+        eye_m = torch.eye(m, dtype=A.dtype)
+        a_cov = A @ self.covs  # (K, m, d)
+        evidence = a_cov @ A.T + sigma_y**2 * eye_m  # A Sigma_k A^T + sigma_y^2 I
+        chol, info = torch.linalg.cholesky_ex(0.5 * (evidence + evidence.transpose(-1, -2)))
+        if bool((info > 0).any()):
+            k = int(torch.nonzero(info)[0])
+            raise ValueError(
+                f"A Sigma_{k} A^T + sigma_y^2 I is not positive definite in floating point for "
+                f"sigma_y = {sigma_y:g}: take a larger sigma_y"
+            )
+        gain = torch.cholesky_solve(a_cov, chol).transpose(-1, -2)  # Sigma A^T S^{-1}
+        keep = torch.eye(self.dim, dtype=A.dtype) - gain @ A  # I - G A
+        cov = keep @ self.covs @ keep.transpose(-1, -2) + sigma_y**2 * gain @ gain.transpose(-1, -2)
+        return chol, gain, 0.5 * (cov + cov.transpose(-1, -2))
+
+    def _posterior_weights_means(self, A, sigma_y, y: Tensor, chol, gain):
+        """Posterior log-weights ``(B, K)`` and means ``(B, K, d)`` for a batch ``y`` ``(B, m)``."""
+        pred = self.means @ A.T  # (K, m)
+        resid = y[:, None, :] - pred  # (B, K, m)
+        white = torch.linalg.solve_triangular(
+            chol, resid.transpose(0, 1).transpose(-1, -2), upper=False
+        )
+        quad = white.pow(2).sum(-2).T  # (B, K)
+        logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # (K,)
+        log_evidence = -0.5 * (A.shape[0] * math.log(2 * math.pi) + logdet + quad)
+        logits = torch.log(self.weights) + log_evidence
+        means = self.means + torch.einsum("kdm,bkm->bkd", gain, resid)
+        return logits - torch.logsumexp(logits, dim=-1, keepdim=True), means, log_evidence
+
+    def _check_y(self, y, m: int, batched: bool) -> Tensor:
+        y = _float_tensor(y, "y").to(self.means.dtype)
+        ok = (y.ndim == 2 and y.shape[1] == m) if batched else (y.ndim == 1 and y.shape[0] == m)
+        if not ok:
+            want = f"(B, {m})" if batched else f"({m},)"
+            raise ValueError(f"y must have shape {want} to match A, got {tuple(y.shape)}")
+        return y
+
+    def posterior(self, A, y, sigma_y: float) -> GaussianMixture:
+        r"""The exact posterior of :math:`x` given one measurement :math:`y = A x + \sigma_y n`.
+
+        With :math:`S_k = A\Sigma_k A^\top + \sigma_y^2 I` and the gain :math:`G_k = \Sigma_k
+        A^\top S_k^{-1}`, the posterior is the mixture with weights :math:`\propto w_k\,\mathcal
+        N(y; A\mu_k, S_k)`, means :math:`\mu_k + G_k(y - A\mu_k)` and covariances
+        :math:`\Sigma_k - G_k A \Sigma_k`, computed in the Joseph form :math:`(I - G_k A)\Sigma_k
+        (I - G_k A)^\top + \sigma_y^2 G_k G_k^\top`.  ``sigma_y`` must be positive: no jitter is
+        added, and a covariance that is not positive definite in floating point raises.
+        Shapes: ``A`` ``(m, d)``, ``y`` ``(m,)``; returns a mixture in dimension ``d``.
+        """
+        A, sigma_y = self._measurement(A, sigma_y)
+        y = self._check_y(y, A.shape[0], batched=False)
+        chol, gain, cov = self._posterior_parts(A, sigma_y)
+        log_w, means, _ = self._posterior_weights_means(A, sigma_y, y[None], chol, gain)
+        smallest = torch.linalg.eigvalsh(cov)[:, 0]
+        for k in range(self.n_components):
+            if float(smallest[k]) <= 0:
+                raise ValueError(
+                    f"the posterior covariance of component {k} is not positive definite in "
+                    f"floating point (smallest eigenvalue {float(smallest[k]):.3g}) for "
+                    f"sigma_y = {sigma_y:g}: take a larger sigma_y"
+                )
+        weights = torch.exp(log_w[0])
+        return GaussianMixture(means[0], cov, weights / weights.sum())
+
+    def posterior_mean(self, A, y, sigma_y: float) -> Tensor:
+        r"""The MMSE estimate :math:`\mathbb E[x \mid y]` for a batch of measurements
+        :math:`y = A x + \sigma_y n`: the posterior weights times the component means of
+        :meth:`posterior`.  ``A = I`` gives the exact MMSE denoiser at noise level ``sigma_y``.
+        Shapes: ``A`` ``(m, d)``, ``y`` ``(B, m)``; returns ``(B, d)``.
+        """
+        A, sigma_y = self._measurement(A, sigma_y)
+        y = self._check_y(y, A.shape[0], batched=True)
+        chol, gain, _ = self._posterior_parts(A, sigma_y)
+        log_w, means, _ = self._posterior_weights_means(A, sigma_y, y, chol, gain)
+        return torch.einsum("bk,bkd->bd", torch.exp(log_w), means)
+
+    def evidence_log_prob(self, A, y, sigma_y: float) -> Tensor:
+        r""":math:`\log p(y) = \log\sum_k w_k \mathcal N(y; A\mu_k, A\Sigma_k A^\top + \sigma_y^2 I)`.
+
+        Shapes: ``A`` ``(m, d)``, ``y`` ``(B, m)``; returns ``(B,)``.
+        """
+        A, sigma_y = self._measurement(A, sigma_y)
+        y = self._check_y(y, A.shape[0], batched=True)
+        chol, gain, _ = self._posterior_parts(A, sigma_y)
+        _, _, log_evidence = self._posterior_weights_means(A, sigma_y, y, chol, gain)
+        return torch.logsumexp(torch.log(self.weights) + log_evidence, dim=-1)
+
 
 class Gaussian(GaussianMixture):
     r"""Gaussian data :math:`\mathcal N(\mu, \Sigma)`: a one-component mixture with a closed-form PF-ODE.
@@ -255,6 +364,11 @@ class Gaussian(GaussianMixture):
     def cov(self) -> Tensor:
         """The covariance :math:`\\Sigma`, shape ``(d, d)``."""
         return self.covs[0]
+
+    def posterior(self, A, y, sigma_y: float) -> Gaussian:
+        """The exact Gaussian posterior of :meth:`GaussianMixture.posterior` (the Kalman update)."""
+        mixture = super().posterior(A, y, sigma_y)
+        return Gaussian(mixture.means[0], mixture.covs[0])
 
     def marginal(self, t: float, process: Process) -> Gaussian:
         """The law of :math:`x_t`: :math:`\\mathcal N(\\alpha_t\\mu, \\alpha_t^2\\Sigma + \\sigma_t^2 I)`."""

@@ -1,0 +1,20 @@
+"""Inverse problems with diffusion priors, measured against exact posteriors.
+
+- :mod:`diffcore.inverse.operators`: linear forward models :math:`y = Ax + \\sigma_y n`
+  (denoising, inpainting, blur, super-resolution, MRI, CT) with exact adjoints,
+  pseudo-inverses, data steps and, where simple, SVDs.
+- :mod:`diffcore.inverse.solvers`: diffusion posterior solvers with one signature
+  (``SOLVERS``): replacement, DPS, PiGDM, DDRM, RED-diff, DDS, DiffPIR.
+- :mod:`diffcore.inverse.pnp`: plug-and-play priors read as a score-based method (PnP-PGD,
+  PnP-ADMM, DPIR-style HQS, RED), the PnP denoiser of a diffusion model, classical denoisers, and
+  total variation with its exact and closed-form proximal operators.
+
+The exact posterior of a Gaussian-mixture prior is
+:meth:`diffcore.analytic.GaussianMixture.posterior`.
+"""
+
+from diffcore.inverse import operators, pnp, solvers
+from diffcore.inverse.operators import measure
+from diffcore.inverse.solvers import SOLVERS
+
+__all__ = ["operators", "solvers", "pnp", "measure", "SOLVERS"]
