@@ -1067,3 +1067,65 @@ def model_calls(name: str, n_steps: int, **options) -> int:
         per_step = _CALLS_PER_STEP.get(name, 1)
     extra = 1 if name == "plms" else 0
     return per_step * n_steps + extra + int(bool(options.get("denoise_last", False)))
+
+
+# -- skipping the early steps with the Gaussian closed form ------------------------------------
+def gaussian_skip(
+    sampler: Callable | str,
+    model: Callable,
+    gaussian,
+    x: Tensor,
+    ts: Tensor,
+    process: Process,
+    t_skip,
+    **options,
+) -> Tensor:
+    r"""Jump from ``ts[0]`` to ``t_skip`` along a Gaussian's exact PF-ODE, then run ``sampler``.
+
+    At low log-SNR the marginal :math:`p_t` of any data law is close to that of the Gaussian
+    :math:`\mathcal N(\mu, \Sigma)` with the same mean and covariance, and so are its PF-ODE
+    trajectories (Wang & Vastola, 2023, who call the jump *analytical teleportation*).  The
+    early part of the solve is therefore replaced by that Gaussian's closed-form flow
+    (:meth:`~diffcore.analytic.Gaussian.pf_ode_map`), at no model call:
+
+    .. math::
+        x_{t_{\text{skip}}} = \alpha_{t_{\text{skip}}}\mu
+            + C_{t_{\text{skip}}}^{1/2} C_{t_0}^{-1/2}(x - \alpha_{t_0}\mu),
+        \qquad C_t = \alpha_t^2\Sigma + \sigma_t^2 I,
+
+    and ``sampler(model, x_skip, tail, process, **options)`` finishes on the tail grid
+    ``tail = [t_skip, *ts[ts < t_skip]]``: the times of ``ts`` strictly below ``t_skip``,
+    preceded by ``t_skip`` (so a ``t_skip`` that is a time of ``ts`` cuts the grid there, and
+    ``t_skip = ts[0]`` is the plain sampler, with no jump).  The cost is the sampler's model
+    calls on the tail, ``model_calls(name, len(tail) - 1)``.  On data that *is*
+    :math:`\mathcal N(\mu, \Sigma)` the jump is exact and only the tail's discretisation error
+    is left; on other data the jump adds the error of the Gaussian approximation on
+    :math:`[t_{\text{skip}}, t_0]`, which vanishes as ``t_skip`` approaches ``ts[0]``.
+
+    ``sampler`` is a sampler of this module or its name in :data:`SAMPLERS`; ``gaussian`` an
+    :class:`~diffcore.analytic.Gaussian`, typically with the data's mean and covariance;
+    ``options`` go to the sampler (its ``callback`` counts the tail's steps).  Needs
+    ``ts[-1] < t_skip <= ts[0]``.  Shapes: ``x`` ``(batch, ...)`` with ``gaussian.dim`` entries
+    per sample; returns the same.
+    """
+    from diffcore.analytic import Gaussian  # here, not at the top: analytic is a peer module
+
+    if isinstance(sampler, str):
+        _require(sampler in SAMPLERS, "sampler", sampler, f"a callable or one of {tuple(SAMPLERS)}")
+        sampler = SAMPLERS[sampler]
+    _require(callable(sampler), "sampler", sampler, f"a callable or one of {tuple(SAMPLERS)}")
+    _require(isinstance(gaussian, Gaussian), "gaussian", gaussian, "an analytic.Gaussian")
+    ts = check_time_grid(ts)
+    if isinstance(t_skip, Tensor) and t_skip.numel() == 1:
+        t_skip = float(t_skip)
+    t_first, t_last = float(ts[0]), float(ts[-1])
+    _require(
+        _is_real(t_skip) and t_last < t_skip <= t_first,
+        "t_skip",
+        t_skip,
+        f"a number in (ts[-1], ts[0]] = ({t_last:.6g}, {t_first:.6g}]",
+    )
+    if t_skip < t_first:  # the closed-form jump; none when t_skip = ts[0]
+        x = gaussian.pf_ode_map(x, ts[0], t_skip, process)
+    tail = torch.cat([ts.new_tensor([t_skip]), ts[ts < t_skip]])
+    return sampler(model, x, tail, process, **options)
