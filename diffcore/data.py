@@ -39,6 +39,7 @@ __all__ = [
     "grid_mixture",
     "fit_gaussian_mixture",
     "digits",
+    "dequantize",
     "mnist",
     "cifar10",
     "skimage_image",
@@ -247,6 +248,22 @@ def digits(size: int = 8, split: str | None = None, normalize: bool = True):
     if size != 8:
         images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
     return images, labels
+
+
+def dequantize(x: Tensor, levels: int, generator: torch.Generator | None = None) -> Tensor:
+    r"""Uniform dequantisation: move each value of ``x`` uniformly within its grey-level bin.
+
+    ``x`` holds discrete data on ``levels`` equally spaced values in :math:`[-1, 1]` (bin
+    width :math:`\Delta = 2/(L-1)`, e.g. ``levels=17`` for :func:`digits`); the result is
+    :math:`x + \Delta(u - \tfrac12)`, :math:`u \sim U[0, 1)`.  A density model of the
+    dequantised data gives a bound on the discrete likelihood (Theis et al., 2016; see
+    :func:`diffcore.likelihood.bits_per_dim`).  Shapes: any; returns the shape of ``x``.
+    """
+    if not (isinstance(levels, int) and levels >= 2):
+        raise ValueError(f"levels must be an integer >= 2, got levels = {levels!r}")
+    device = generator.device if generator is not None else x.device
+    u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
+    return x + 2 / (levels - 1) * (u - 0.5)
 
 
 def _data_folder(root, name: str, marker: str) -> Path:

@@ -22,7 +22,7 @@ from diffcore import samplers as _samplers
 from diffcore.analytic import Gaussian
 from diffcore.processes import Process
 
-__all__ = ["sampler_output_law", "gaussian_w2", "sliced_wasserstein", "mmd"]
+__all__ = ["sampler_output_law", "gaussian_w2", "sliced_wasserstein", "mmd", "straightness"]
 
 STARTS = ("marginal", "prior")
 
@@ -212,3 +212,33 @@ def mmd(x: Tensor, y: Tensor, bandwidths=(0.1, 0.2, 0.5, 1.0, 2.0, 5.0)) -> Tens
     within_x = (kxx.sum() - kxx.diagonal().sum()) / (m * (m - 1))
     within_y = (kyy.sum() - kyy.diagonal().sum()) / (n * (n - 1))
     return within_x + within_y - 2 * kernel(x, y).mean()
+
+
+def straightness(path: Tensor, ts: Tensor) -> Tensor:
+    r"""The straightness :math:`S` of trajectories (Liu et al., 2023), one value per trajectory.
+
+    .. math::
+        S = \frac{1}{|t_N - t_0|}\int \big\lVert \dot x_t - \bar v\big\rVert^2\,|dt|,
+        \qquad \bar v = \frac{x_{t_N} - x_{t_0}}{t_N - t_0},
+
+    zero exactly when the path runs along its chord at constant speed.  The path is known on
+    the grid ``ts`` (any direction, e.g. from noise at 1 to data at 0, as a sampler's
+    ``callback`` records it): each step's velocity is its difference quotient, weighted by
+    its share of the time span (a Riemann sum, exact for piecewise-linear paths).  Shapes:
+    ``path`` ``(len(ts), batch, ...)``, ``ts`` ``(N + 1,)`` strictly monotone; returns
+    ``(batch,)``.
+    """
+    if not (isinstance(ts, Tensor) and ts.ndim == 1 and ts.numel() >= 2):
+        raise ValueError(f"ts must be a 1-d tensor of at least 2 times, got {ts!r}")
+    steps = ts.diff()
+    if not (bool((steps > 0).all()) or bool((steps < 0).all())):
+        raise ValueError(f"ts must be strictly monotone, got ts = {ts.tolist()}")
+    if not (isinstance(path, Tensor) and path.ndim >= 2 and path.shape[0] == ts.numel()):
+        shape = tuple(path.shape) if isinstance(path, Tensor) else type(path).__name__
+        raise ValueError(f"path must be (len(ts) = {ts.numel()}, batch, ...), got {shape}")
+    path = path.flatten(2)
+    steps = steps.to(path)
+    chord = (path[-1] - path[0]) / (ts[-1] - ts[0]).to(path)
+    velocity = path.diff(dim=0) / steps[:, None, None]
+    weights = steps / steps.sum()  # the share of the time span: positive in either direction
+    return ((velocity - chord) ** 2).sum(-1).mul(weights[:, None]).sum(0)

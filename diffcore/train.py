@@ -46,6 +46,7 @@ from diffcore.targets import TARGETS
 
 __all__ = [
     "uniform_time",
+    "uniform_logsnr_time",
     "drop_labels",
     "diffusion_loss",
     "eps_loss",
@@ -86,6 +87,40 @@ def uniform_time(t_min: float = 1e-3, t_max: float = 1.0) -> Callable:
         return t_min + (t_max - t_min) * u
 
     sample.t_min, sample.t_max = t_min, t_max
+    sample.density = lambda t: torch.full_like(t, 1 / (t_max - t_min))
+    return sample
+
+
+def uniform_logsnr_time(process: Process, t_min: float = 1e-3, t_max: float = 1.0) -> Callable:
+    r"""A time sampler ``(n, generator=None) -> (n,)`` with the log-SNR uniform, float64.
+
+    Draws :math:`\lambda` uniform between :math:`\lambda_{t_{\max}}` and
+    :math:`\lambda_{t_{\min}}` and returns :math:`t = t(\lambda)`: the time density is
+    :math:`q(t) = -\dot\lambda_t / (\lambda_{t_{\min}} - \lambda_{t_{\max}})`, exposed as
+    ``sampler.density(t)``.  It is the importance law that makes the ELBO weight of the
+    :math:`\varepsilon`-loss constant (Kingma et al., 2021): each noise level in log-SNR
+    counts once, where uniform times spend most draws at high noise.  Needs a finite
+    :math:`\lambda` at both ends (``t_min > 0``; for Linear, ``t_max < 1``).
+    """
+    if not (0 < t_min < t_max <= 1):
+        raise ValueError(f"need 0 < t_min < t_max <= 1, got t_min = {t_min}, t_max = {t_max}")
+    lam_high, lam_low = float(process.lam(t_min)), float(process.lam(t_max))
+    if not (math.isfinite(lam_high) and math.isfinite(lam_low)):
+        raise ValueError(
+            f"the log-SNR must be finite at both ends, got lambda = {lam_high} at t_min = "
+            f"{t_min} and lambda = {lam_low} at t_max = {t_max}"
+        )
+
+    def sample(n: int, generator: torch.Generator | None = None) -> Tensor:
+        device = generator.device if generator is not None else None
+        u = torch.rand(n, generator=generator, dtype=torch.float64, device=device)
+        return process.t_of_lam(lam_high + (lam_low - lam_high) * u)
+
+    def density(t: Tensor) -> Tensor:
+        lam_dot = process.d_alpha(t) / process.alpha(t) - process.d_sigma(t) / process.sigma(t)
+        return -lam_dot / (lam_high - lam_low)
+
+    sample.t_min, sample.t_max, sample.density = t_min, t_max, density
     return sample
 
 
@@ -229,6 +264,7 @@ def elbo_loss(
     target: str = "eps",
     t_min: float = 1e-3,
     t_max: float = 1.0,
+    t_sampler: Callable | None = None,
     **options,
 ) -> Tensor:
     r"""The diffusion term of the negative ELBO in nats (VDM, Kingma et al., 2021), continuous time.
@@ -238,19 +274,31 @@ def elbo_loss(
             \mathbb E\lVert\varepsilon - \hat\varepsilon_\theta(x_t, t)\rVert^2\,dt
           = -\tfrac12\int \mathrm{SNR}'(t)\,\mathbb E\lVert x_0 - \hat x_0\rVert^2 dt,
 
-    estimated with :math:`t` uniform on :math:`[t_{\min}, t_{\max})`, hence the factor
-    :math:`t_{\max} - t_{\min}`.  The model predicts ``target``; :func:`elbo_weighting`
-    gives the weight in that target's units.  Options (``label``, ``p_uncond``, ``generator``)
-    as in :func:`diffusion_loss`.
+    estimated by importance sampling: :math:`t \sim q` and weight :math:`w(t)/q(t)`, with
+    ``t_sampler`` a sampler that has a ``density`` (default :func:`uniform_time` on
+    :math:`[t_{\min}, t_{\max})`, so :math:`1/q = t_{\max} - t_{\min}`;
+    :func:`uniform_logsnr_time` makes the :math:`\varepsilon` weight constant and the
+    estimate less noisy).  The model predicts ``target``; :func:`elbo_weighting` gives the
+    weight in that target's units.  The whole bound adds
+    :func:`diffcore.likelihood.elbo_end_terms`.  Options (``label``, ``p_uncond``,
+    ``generator``) as in :func:`diffusion_loss`.  Returns the batch mean, ``()``.
     """
+    t_sampler = t_sampler or uniform_time(t_min, t_max)
+    if not (callable(t_sampler) and callable(getattr(t_sampler, "density", None))):
+        raise ValueError(f"t_sampler must be a time sampler with a density, got {t_sampler!r}")
+    if (t_sampler.t_min, t_sampler.t_max) != (t_min, t_max):
+        raise ValueError(
+            f"t_sampler covers [{t_sampler.t_min}, {t_sampler.t_max}], "
+            f"not [t_min, t_max] = [{t_min}, {t_max}]"
+        )
     w = elbo_weighting(process, target)
     return diffusion_loss(
         model,
         x0,
         process,
         target,
-        weighting=lambda t: (t_max - t_min) * w(t),
-        t_sampler=uniform_time(t_min, t_max),
+        weighting=lambda t: w(t) / t_sampler.density(t),
+        t_sampler=t_sampler,
         **options,
     )
 

@@ -119,6 +119,20 @@ def test_fit_gaussian_mixture_on_digits_gives_an_exact_prior():
         data.fit_gaussian_mixture(torch.zeros(2, 2), 3)
 
 
+def test_dequantize_stays_in_the_bin_and_is_uniform(gen):
+    images, _ = data.digits()
+    noisy = data.dequantize(images, 17, generator=gen)
+    offset = (noisy - images) / (2 / 16)  # uniform on [-1/2, 1/2): mean 0, variance 1/12
+    assert float(offset.min()) >= -0.5 and float(offset.max()) < 0.5
+    n = offset.numel()
+    assert abs(float(offset.mean())) < 4 * math.sqrt(1 / 12 / n)
+    assert abs(float(offset.var()) - 1 / 12) < 4 * math.sqrt(1 / 180 / n)
+    # rounding back to the 17 levels recovers the data exactly
+    torch.testing.assert_close(torch.round((noisy + 1) * 8) / 8 - 1, images)
+    with pytest.raises(ValueError, match="levels must be an integer >= 2, got levels = 1"):
+        data.dequantize(images, 1)
+
+
 def test_digits():
     images, labels = data.digits()
     assert images.shape == (1797, 1, 8, 8) and labels.shape == (1797,)

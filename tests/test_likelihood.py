@@ -187,6 +187,59 @@ def test_bits_per_dim():
         likelihood.bits_per_dim(log_p, 0)
 
 
+def test_the_negative_elbo_of_the_exact_model_is_a_tight_bound():
+    """For Gaussian data N(mu, S) and the exact eps model, every term has a closed form: the
+    prior term a^2 (|mu|^2 + tr S) / (2 s^2) at t_max, the diffusion term by I-MMSE
+    sum_i 1/2 [log(1 + SNR l_i)] from t_max to t_min, the decoder term d/2 log(2 pi e / SNR).
+    Their sum exceeds the entropy 1/2 log det(2 pi e S) by sum_i 1/2 log(1 + 1/(SNR_min l_i))
+    plus the prior terms.  The Monte-Carlo estimate (elbo_end_terms + train.elbo_loss with
+    log-SNR times) must match it within 4 standard errors, and the bound must hold."""
+    from diffcore import targets, train
+
+    vp, law, t_min = processes.VP(), make_gaussian(3), 1e-4
+    ell, d = torch.linalg.eigvalsh(law.cov), law.dim
+    snr_min, snr_max = (float(vp.snr(t)) for t in (t_min, 1.0))
+    closed = (
+        0.5 * snr_max * float(law.mean.pow(2).sum() + ell.sum())
+        + float(0.5 * (torch.log1p(snr_min * ell) - torch.log1p(snr_max * ell)).sum())
+        + 0.5 * d * math.log(2 * math.pi * math.e / snr_min)
+    )
+    entropy = 0.5 * float(torch.logdet(2 * math.pi * math.e * law.cov))
+    assert 0 < closed - entropy < 0.01  # tight: the gap is O(1/SNR_min) + O(SNR_max)
+
+    def eps_model(x, t):
+        return targets.convert(law.denoise(x, t, vp), "x0", "eps", x, t, vp)
+
+    sampler = train.uniform_logsnr_time(vp, t_min, 1.0)
+    values = []
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(seed)
+        x0 = law.sample(20_000, generator=gen)
+        prior, reconstruction = likelihood.elbo_end_terms(x0, vp, t_min)
+        diffusion = train.elbo_loss(
+            eps_model, x0, vp, t_min=t_min, t_sampler=sampler, generator=gen
+        )
+        values.append(float(prior.mean() + diffusion + reconstruction.mean()))
+    values = torch.tensor(values)
+    mean, se = float(values.mean()), float(values.std() / math.sqrt(len(values)))
+    assert abs(mean - closed) <= 4 * se, (mean, closed, se)
+    # precise enough to catch a lost or doubled term: the decoder term alone is about -15 nats
+    assert se < 0.1
+
+
+def test_elbo_end_terms_shapes_and_errors():
+    x0 = torch.ones(5, 1, 2, 2, dtype=torch.float64)
+    prior, reconstruction = likelihood.elbo_end_terms(x0, processes.VE(), 1e-3, 1.0)
+    assert prior.shape == reconstruction.shape == (5,)
+    torch.testing.assert_close(prior, torch.full((5,), 2.0 / 50.0**2))  # VE: alpha = 1, sigma 50
+    with pytest.raises(ValueError, match="t_min = 0, t_max = 1.0"):
+        likelihood.elbo_end_terms(x0, processes.VP(), 0, 1.0)
+    with pytest.raises(
+        ValueError, match=r"x0 must be a floating tensor \(batch, ...\), got \(4,\)"
+    ):
+        likelihood.elbo_end_terms(torch.zeros(4), processes.VP())
+
+
 def test_bad_input_is_refused():
     law, vp = make_mixture(), processes.VP()
     D, x = law.denoiser(vp), torch.zeros(2, 2)

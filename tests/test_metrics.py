@@ -142,3 +142,28 @@ def test_metrics_refuse_bad_input():
         metrics.mmd(torch.zeros(5, 2), torch.zeros(5, 2), bandwidths=(1.0, -1.0))
     with pytest.raises(ValueError, match=r"at least 2 samples each, got 1 and 5"):
         metrics.mmd(torch.zeros(1, 2), torch.zeros(5, 2))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_straightness_of_a_circular_arc(reverse):
+    """x(t) = (cos(theta t), sin(theta t)) on a uniform grid of n steps: each step's difference
+    quotient has squared norm (2 - 2 cos(theta h)) / h^2 and they average to the chord, so the
+    Riemann sum is exactly (2 - 2 cos(theta h)) / h^2 - (2 - 2 cos theta), in either direction;
+    and a path along its chord at constant speed has S = 0."""
+    theta, n = 2.0, 50
+    ts = torch.linspace(0, 1, n + 1, dtype=torch.float64)
+    ts = ts.flip(0) if reverse else ts
+    arc = torch.stack([torch.cos(theta * ts), torch.sin(theta * ts)], -1)[:, None]  # (n+1, 1, 2)
+    h = 1 / n
+    exact = (2 - 2 * math.cos(theta * h)) / h**2 - (2 - 2 * math.cos(theta))
+    torch.testing.assert_close(
+        metrics.straightness(arc, ts), torch.tensor([exact]), rtol=1e-10, atol=0
+    )
+    line = arc[0] + (arc[-1] - arc[0]) * ((ts - ts[0]) / (ts[-1] - ts[0]))[:, None, None]
+    torch.testing.assert_close(
+        metrics.straightness(line, ts), torch.zeros(1, dtype=torch.float64), rtol=0, atol=1e-24
+    )
+    with pytest.raises(ValueError, match="strictly monotone"):
+        metrics.straightness(arc[:3], torch.tensor([0.0, 0.5, 0.2]))
+    with pytest.raises(ValueError, match=r"path must be \(len\(ts\) = 3, batch, ...\)"):
+        metrics.straightness(arc, torch.tensor([0.0, 0.5, 1.0]))

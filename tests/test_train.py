@@ -121,6 +121,67 @@ def test_elbo_at_the_exact_model_is_the_mutual_information_gap(smooth_process):
     assert se <= 0.03 * exact
 
 
+def test_elbo_with_uniform_logsnr_times_is_unbiased_and_less_noisy(smooth_process):
+    """The same closed form, estimated with t drawn uniform in log-SNR and importance weight
+    w/q; on [T_MIN, 0.999] (Linear has lambda = -inf at t = 1).  Its standard error must not
+    exceed that of uniform times: the eps weight -lambda' becomes constant.  (For VE,
+    lambda = -log sigma_t is linear in t, and the two samplers draw the same times.)"""
+    process, law, t_max = smooth_process, _gaussian(), 0.999
+    ell = torch.linalg.eigvalsh(law.cov)
+    snr = process.snr(torch.tensor([T_MIN, t_max]))
+    exact = float(0.5 * (torch.log1p(snr[0] * ell) - torch.log1p(snr[1] * ell)).sum())
+    model = _exact_model(law, process, "eps")
+    standard_errors = {}
+    for name, sampler in [
+        ("uniform", train.uniform_time(T_MIN, t_max)),
+        ("logsnr", train.uniform_logsnr_time(process, T_MIN, t_max)),
+    ]:
+
+        def loss(batch, generator, sampler=sampler):
+            x0 = law.sample(batch, generator=generator)
+            return train.elbo_loss(
+                model, x0, process, t_max=t_max, t_sampler=sampler, generator=generator
+            )
+
+        _, mean, standard_errors[name] = _mc(loss, n_batches=20)
+        assert abs(mean - exact) <= 4 * standard_errors[name], (name, mean, exact)
+    assert standard_errors["logsnr"] <= standard_errors["uniform"] * (1 + 1e-9), standard_errors
+
+
+def test_uniform_logsnr_time_draws_uniform_lambda_with_its_density(smooth_process, gen):
+    process = smooth_process
+    sampler = train.uniform_logsnr_time(process, 0.01, 0.9)
+    t = sampler(20_000, gen)
+    assert t.dtype == torch.float64 and 0.01 <= float(t.min()) and float(t.max()) <= 0.9
+    lam = process.lam(t)
+    high, low = float(process.lam(0.01)), float(process.lam(0.9))
+    u = (lam - low) / (high - low)  # uniform on [0, 1]: mean 1/2, variance 1/12
+    assert abs(float(u.mean()) - 0.5) < 4 * math.sqrt(1 / 12 / 20_000)
+    assert abs(float(u.var()) - 1 / 12) < 4 * math.sqrt(1 / 180 / 20_000)
+    # the density integrates to one over [t_min, t_max] (Simpson on a fine grid)
+    grid = torch.linspace(0.01, 0.9, 2001, dtype=torch.float64)
+    integral = scipy.integrate.simpson(sampler.density(grid).numpy(), x=grid.numpy())
+    assert abs(integral - 1) < 1e-6, integral
+
+
+def test_uniform_logsnr_time_rejects_infinite_log_snr():
+    with pytest.raises(ValueError, match="t_max = 1.0"):
+        train.uniform_logsnr_time(processes.Linear(), 1e-3, 1.0)
+    with pytest.raises(ValueError, match="t_min = 0"):
+        train.uniform_logsnr_time(processes.VP(), 0, 1.0)
+
+
+def test_elbo_loss_rejects_a_sampler_on_another_range():
+    law, vp = _gaussian(), processes.VP()
+    with pytest.raises(ValueError, match="t_sampler covers"):
+        train.elbo_loss(
+            _exact_model(law, vp, "eps"),
+            law.sample(4),
+            vp,
+            t_sampler=train.uniform_logsnr_time(vp, 0.01, 1.0),
+        )
+
+
 def test_elbo_is_the_same_for_every_target(process, gen):
     """w(t) ||y - y_hat||^2 = -1/2 SNR'(t) ||x0 - x0_hat||^2 holds sample by sample, so models
     that make the same x0 prediction in five parametrisations have the same ELBO loss."""
