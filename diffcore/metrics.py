@@ -155,6 +155,11 @@ def _check_samples(x: Tensor, y: Tensor, same_size: bool) -> None:
         raise ValueError(f"x and y must have the same dimension, got {x.shape[1]} and {y.shape[1]}")
     if same_size and x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y must have the same size, got {x.shape[0]} and {y.shape[0]}")
+    if x.dtype != y.dtype or x.device != y.device:
+        raise ValueError(
+            f"x and y must share dtype and device, got {x.dtype} on {x.device} "
+            f"and {y.dtype} on {y.device}"
+        )
 
 
 def sliced_wasserstein(

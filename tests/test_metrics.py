@@ -167,3 +167,10 @@ def test_straightness_of_a_circular_arc(reverse):
         metrics.straightness(arc[:3], torch.tensor([0.0, 0.5, 0.2]))
     with pytest.raises(ValueError, match=r"path must be \(len\(ts\) = 3, batch, ...\)"):
         metrics.straightness(arc, torch.tensor([0.0, 0.5, 1.0]))
+
+
+@pytest.mark.parametrize("metric", [metrics.sliced_wasserstein, metrics.mmd])
+def test_sample_metrics_refuse_mixed_dtypes(metric):
+    x, y = torch.zeros(4, 2, dtype=torch.float32), torch.zeros(4, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="torch.float32 on cpu and torch.float64 on cpu"):
+        metric(x, y)
