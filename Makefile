@@ -44,8 +44,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $@
 
+# The quick-mode models are small: one thread per kernel is the fastest on a CPU, and
+# spares the cores a busy machine shares (export OMP_NUM_THREADS to choose otherwise).
 book: $(STAMP)
-	$(VENV)/bin/jupyter-book build . --all -W -n --keep-going
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/jupyter-book build . --all -W -n --keep-going
 
 # A local MathJax for the browser test (tests/test_book.py), which serves it in place of
 # the CDN. Without npm the browser test skips, unless DIFFCORE_REQUIRE_BROWSER=1.
@@ -72,7 +74,7 @@ test: $(STAMP) mathjax
 notebooks: $(STAMP)
 	@for nb in notebooks/[0-9]*.ipynb; do \
 		echo "executing $$nb"; \
-		DIFFCORE_FULL=0 $(PY) -c 'import sys, nbformat, nbclient; nb = nbformat.read(sys.argv[1], 4); nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": "notebooks"}}).execute(); nbformat.write(nb, sys.argv[1])' "$$nb" || exit 1; \
+		DIFFCORE_FULL=0 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -c 'import sys, nbformat, nbclient; nb = nbformat.read(sys.argv[1], 4); nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": "notebooks"}}).execute(); nbformat.write(nb, sys.argv[1])' "$$nb" || exit 1; \
 	done
 
 lab: $(STAMP)
