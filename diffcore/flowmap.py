@@ -95,7 +95,8 @@ def _solver(solver, role: str = "teacher") -> Callable:
 
 
 def _one_time(t, name: str) -> float:
-    t = as_time(t, name=name)
+    # checked in float64, so that a Python float comes back exactly (0.002 stays 0.002)
+    t = as_time(t, like=torch.empty((), dtype=torch.float64), name=name)
     if t.ndim:
         raise ValueError(
             f"{name} must be one time (a float or a 0-d tensor), got shape {tuple(t.shape)}"
@@ -339,7 +340,8 @@ def _grid(ts, x0: Tensor) -> Tensor:
 
 def _check_end(model, ts: Tensor, name: str) -> None:
     t_min = getattr(model, "t_min", None)
-    if t_min is not None and abs(t_min - float(ts[-1])) > 1e-12:
+    # equal up to the rounding of t_min in the grid's dtype (float32 stores 0.002 inexactly)
+    if t_min is not None and abs(t_min - float(ts[-1])) > 2 * torch.finfo(ts.dtype).eps:
         raise ValueError(
             f"ts must end at the consistency model's t_min = {t_min}, got ts[-1] = "
             f"{float(ts[-1])} for {name}"

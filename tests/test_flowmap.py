@@ -148,6 +148,30 @@ def test_consistency_model_is_song_et_al_in_the_ve_variable(process, gen):
     assert torch.isfinite(at_noise).all()
 
 
+def test_consistency_model_keeps_t_min_exact_under_a_float32_default():
+    """t_min = 0.002 stays the Python float 0.002 whatever the default dtype, so a float64
+    model accepts a float64 grid that ends there, and f(x, t_min) = x to round-off."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        f = flowmap.ConsistencyModel(_Identity(), processes.VP(), 0.002).double()
+    finally:
+        torch.set_default_dtype(previous)
+    assert f.t_min == 0.002
+    x = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(
+        f(x, torch.tensor(0.002, dtype=torch.float64)), x, rtol=1e-15, atol=0
+    )
+    ts = torch.tensor([1.0, 0.5, 0.002], dtype=torch.float64)
+    out = flowmap.consistency_sample(f, x, ts, processes.VP(), generator=torch.Generator())
+    assert out.shape == x.shape and out.dtype == torch.float64
+    # a float32 model and a float32 grid, whose last time is 0.002 rounded to float32, agree too
+    out32 = flowmap.consistency_sample(f.float(), x.float(), ts.float(), processes.VP())
+    assert out32.dtype == torch.float32
+    with pytest.raises(ValueError, match="ts must end at the consistency model's t_min = 0.002"):
+        flowmap.consistency_sample(f, x, torch.tensor([1.0, 0.5, 0.003]), processes.VP())
+
+
 def test_trajectory_model_is_a_ddim_step_of_its_denoiser(process, gen):
     """G(x, t, t) = x exactly; G(x, t, s) = (sigma_s / sigma_t) x + (alpha_s - alpha_t sigma_s /
     sigma_t) g, and for VE CTM's (s/t) x + (1 - s/t) g in the noise level; G(x, t, 0) = g
