@@ -15,14 +15,6 @@ from diffcore import analytic, processes, samplers
 T_MIN = 1e-2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _gaussian():
     cov = torch.tensor([[1.0, 0.6, 0.0], [0.6, 0.5, 0.1], [0.0, 0.1, 0.2]], dtype=torch.float64)
     return analytic.Gaussian(torch.tensor([1.0, -0.5, 0.3], dtype=torch.float64), cov)

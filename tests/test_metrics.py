@@ -9,15 +9,6 @@ import torch
 from diffcore import metrics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small tensors: threads only contend on the 2 CI cores
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _spd(d, gen, scale=1.0):
     a = torch.randn(d, d, generator=gen)
     return scale * (a @ a.T / d + 0.2 * torch.eye(d))

@@ -19,15 +19,6 @@ NOISY = (*ALWAYS_STOCHASTIC, "ddim", "heun")
 NEED_ALPHA = ("plms", "annealed_langevin", "euler_maruyama")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small tensors: threads only contend on the 2 CI cores
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _gaussian():
     cov = torch.tensor([[1.0, 0.6], [0.6, 0.5]], dtype=torch.float64)
     return analytic.Gaussian(torch.tensor([1.0, -0.5], dtype=torch.float64), cov)

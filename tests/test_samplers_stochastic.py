@@ -16,14 +16,6 @@ from diffcore import analytic, metrics, processes, samplers
 T_MAX, T_MIN = 0.99, 0.05
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _gaussian():
     cov = torch.tensor([[1.0, 0.6], [0.6, 0.5]], dtype=torch.float64)
     return analytic.Gaussian(torch.tensor([1.0, -0.5], dtype=torch.float64), cov)
