@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+
+
+def require(ok: bool, name: str, value, need: str) -> None:
+    """Raise ``ValueError("<name> must be <need>, got <name> = <value>")`` unless ``ok``."""
+    if not ok:
+        raise ValueError(f"{name} must be {need}, got {name} = {value!r}")
+
+
+def positive(value, name: str) -> float:
+    """``value`` as a float, checked to be a positive finite number."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {name} = {value!r}")
+    return float(value)
 
 
 def _show(value: Tensor, limit: int = 6) -> str:

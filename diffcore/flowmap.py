@@ -43,11 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffcore._checks import as_time, per_sample
+from diffcore._checks import as_time, per_sample, positive
 from diffcore.analytic import Gaussian
 from diffcore.nets import sinusoidal_embedding
 from diffcore.processes import Linear, Process
-from diffcore.samplers import SAMPLERS, check_time_grid
+from diffcore.samplers import SAMPLERS, _noise_source, check_time_grid
 
 __all__ = [
     "ODE_SOLVERS",
@@ -247,12 +247,6 @@ def _edm_scalings(a: Tensor, s: Tensor, sigma_data: float, kappa: float = 0.0, s
     return c_skip, c_out, 1 / norm
 
 
-def _positive(name: str, value) -> float:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {name} = {value!r}")
-    return float(value)
-
-
 class ConsistencyModel(nn.Module):
     r"""A consistency function :math:`f(x, t) \approx \Phi(x, t, t_{\min})` with the boundary condition built in.
 
@@ -281,7 +275,7 @@ class ConsistencyModel(nn.Module):
         super().__init__()
         self.net, self.process = net, process
         self.t_min = _one_time(t_min, "t_min")
-        self.sigma_data = _positive("sigma_data", sigma_data)
+        self.sigma_data = positive(sigma_data, "sigma_data")
         t_end = torch.tensor(self.t_min, dtype=torch.float64)
         self._alpha_end = float(process.alpha(t_end))
         if not self._alpha_end > 0:
@@ -314,7 +308,7 @@ class TrajectoryModel(nn.Module):
     def __init__(self, net: nn.Module, process: Process, sigma_data: float = 0.5):
         super().__init__()
         self.net, self.process = net, process
-        self.sigma_data = _positive("sigma_data", sigma_data)
+        self.sigma_data = positive(sigma_data, "sigma_data")
 
     def forward(self, x: Tensor, t, s) -> Tensor:
         t_, s_ = as_time(t, like=x), as_time(s, like=x, name="s")
@@ -444,12 +438,6 @@ def _renoise(process: Process, x: Tensor, s: Tensor, t: Tensor, noise: Tensor) -
     ratio = process.alpha(t) / process.alpha(s)
     std = process.sigma(t) * torch.sqrt(-torch.expm1(-2 * (process.lam(s) - process.lam(t))))
     return ratio * x + std * noise
-
-
-def _noise_source(x: Tensor, generator, noise_sampler) -> Callable:
-    if noise_sampler is not None:
-        return noise_sampler
-    return lambda i, shape: torch.randn(shape, generator=generator, dtype=x.dtype, device=x.device)
 
 
 def consistency_sample(

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from diffcore._checks import as_time, per_sample, same_shape
+from diffcore._checks import as_time, per_sample, positive, same_shape
 
 __all__ = [
     "Process",
@@ -112,12 +112,6 @@ def _as_tensor(value) -> Tensor:
     )
 
 
-def _positive(name: str, value: float) -> float:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {name} = {value!r}")
-    return float(value)
-
-
 class VP(Process):
     r"""Variance preserving process with a linear :math:`\beta(t)` (DDPM in continuous time).
 
@@ -126,8 +120,8 @@ class VP(Process):
     """
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
-        self.beta_min = _positive("beta_min", beta_min)
-        self.beta_max = _positive("beta_max", beta_max)
+        self.beta_min = positive(beta_min, "beta_min")
+        self.beta_max = positive(beta_max, "beta_max")
         if self.beta_max < self.beta_min:
             raise ValueError(
                 f"need beta_min <= beta_max, got beta_min={beta_min}, beta_max={beta_max}"
@@ -175,7 +169,7 @@ class VPCosine(Process):
     """
 
     def __init__(self, s: float = 0.008, t_end: float = 0.9946):
-        self.s = _positive("s", s)
+        self.s = positive(s, "s")
         if not (0 < t_end <= 1):
             raise ValueError(f"t_end must lie in (0, 1], got t_end = {t_end!r}")
         self.t_end = float(t_end)
@@ -214,8 +208,8 @@ class VE(Process):
     """
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0):
-        self.sigma_min = _positive("sigma_min", sigma_min)
-        self.sigma_max = _positive("sigma_max", sigma_max)
+        self.sigma_min = positive(sigma_min, "sigma_min")
+        self.sigma_max = positive(sigma_max, "sigma_max")
         if self.sigma_max <= self.sigma_min:
             raise ValueError(
                 f"need sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}"

@@ -40,7 +40,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from diffcore._checks import as_time
+from diffcore._checks import as_time, require
 from diffcore.processes import Process
 
 __all__ = [
@@ -151,11 +151,6 @@ def check_time_grid(ts) -> Tensor:
 
 
 # -- shared pieces ---------------------------------------------------------------------------
-def _require(ok: bool, name: str, value, need: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {need}, got {name} = {value!r}")
-
-
 def _is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
@@ -322,8 +317,8 @@ def heun(
     :math:`\hat t` is capped at 1.  Shapes: ``x`` ``(batch, ...)``; returns the same.
     """
     for name, value in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_noise", s_noise)):
-        _require(_is_real(value) and 0 <= value < math.inf, name, value, "finite and >= 0")
-    _require(_is_real(s_tmax) and s_tmax >= s_tmin, "s_tmax", s_tmax, f">= s_tmin = {s_tmin}")
+        require(_is_real(value) and 0 <= value < math.inf, name, value, "finite and >= 0")
+    require(_is_real(s_tmax) and s_tmax >= s_tmin, "s_tmax", s_tmax, f">= s_tmin = {s_tmin}")
     ts, tm = _prepare(ts, x)
     a, s, da, ds = _coefficients(process, ts)
     c_x, c_d = _velocity_coefficients(a, s, da, ds)
@@ -442,7 +437,7 @@ def ddim(
     ``eta = 1`` is DDPM ancestral sampling (:func:`ddpm`), in law and sample by sample.
     ``0 <= eta <= 1``.  One model call per step.  Shapes: ``x`` ``(batch, ...)``; returns the same.
     """
-    _require(_is_real(eta) and 0 <= eta <= 1, "eta", eta, "in [0, 1]")
+    require(_is_real(eta) and 0 <= eta <= 1, "eta", eta, "in [0, 1]")
     ts, tm = _prepare(ts, x)
     a, s, _, _ = _coefficients(process, ts)
     lam = _log_snr(process, ts)
@@ -539,8 +534,8 @@ def pc(
     forward posterior with :math:`x_0 = D`, defined for any process.  ``1 + n_corrector`` model calls per step.
     Shapes: ``x`` ``(batch, ...)``; returns the same.
     """
-    _require(_is_real(snr) and 0 < snr < math.inf, "snr", snr, "positive and finite")
-    _require(_is_count(n_corrector, 0), "n_corrector", n_corrector, "an integer >= 0")
+    require(_is_real(snr) and 0 < snr < math.inf, "snr", snr, "positive and finite")
+    require(_is_count(n_corrector, 0), "n_corrector", n_corrector, "an integer >= 0")
     ts, tm = _prepare(ts, x)
     a, s, _, _ = _coefficients(process, ts)
     ratio, weight, std = _ancestral_weights(a, s, _log_snr(process, ts))
@@ -594,8 +589,8 @@ def annealed_langevin(
     :math:`p_{t_{\min}}`, whose bias grows with ``eps``.  Shapes: ``x`` ``(batch, ...)``;
     returns the same.
     """
-    _require(_is_real(eps) and 0 < eps < math.inf, "eps", eps, "positive and finite")
-    _require(_is_count(n_steps_each, 1), "n_steps_each", n_steps_each, "an integer >= 1")
+    require(_is_real(eps) and 0 < eps < math.inf, "eps", eps, "positive and finite")
+    require(_is_count(n_steps_each, 1), "n_steps_each", n_steps_each, "an integer >= 1")
     ts, tm = _prepare(ts, x)
     a, s, _, _ = _coefficients(process, ts)
     _need_positive_alpha("annealed_langevin", a, ts, "it anneals y = x / alpha")
@@ -605,7 +600,7 @@ def annealed_langevin(
             f" at ts[-1] = {float(ts[-1]):.6g}: take t_min > 0"
         )
     level_last = s[-1] / a[-1]
-    _require(eps < 4 * level_last**2, "eps", eps, f"< 4 (sigma/alpha)^2 = {4 * level_last**2:.6g}")
+    require(eps < 4 * level_last**2, "eps", eps, f"< 4 (sigma/alpha)^2 = {4 * level_last**2:.6g}")
     c = eps / (2 * level_last**2)
     up = _scales((a[i + 1] / a[i] for i in range(len(a) - 1)), x)  # y = x / alpha stays put
     (kept,) = _scales([1 - c], x)
@@ -1058,7 +1053,7 @@ def model_calls(name: str, n_steps: int, **options) -> int:
     """
     if name not in SAMPLERS:
         raise ValueError(f"name must be one of {tuple(SAMPLERS)}, got name = {name!r}")
-    _require(_is_count(n_steps, 1), "n_steps", n_steps, "an integer >= 1")
+    require(_is_count(n_steps, 1), "n_steps", n_steps, "an integer >= 1")
     if name == "pc":
         per_step = 1 + options.get("n_corrector", 1)
     elif name == "annealed_langevin":
@@ -1111,15 +1106,15 @@ def gaussian_skip(
     from diffcore.analytic import Gaussian  # here, not at the top: analytic is a peer module
 
     if isinstance(sampler, str):
-        _require(sampler in SAMPLERS, "sampler", sampler, f"a callable or one of {tuple(SAMPLERS)}")
+        require(sampler in SAMPLERS, "sampler", sampler, f"a callable or one of {tuple(SAMPLERS)}")
         sampler = SAMPLERS[sampler]
-    _require(callable(sampler), "sampler", sampler, f"a callable or one of {tuple(SAMPLERS)}")
-    _require(isinstance(gaussian, Gaussian), "gaussian", gaussian, "an analytic.Gaussian")
+    require(callable(sampler), "sampler", sampler, f"a callable or one of {tuple(SAMPLERS)}")
+    require(isinstance(gaussian, Gaussian), "gaussian", gaussian, "an analytic.Gaussian")
     ts = check_time_grid(ts)
     if isinstance(t_skip, Tensor) and t_skip.numel() == 1:
         t_skip = float(t_skip)
     t_first, t_last = float(ts[0]), float(ts[-1])
-    _require(
+    require(
         _is_real(t_skip) and t_last < t_skip <= t_first,
         "t_skip",
         t_skip,

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffcore._checks import positive
+
 __all__ = [
     "LinearOperator",
     "SVD",
@@ -163,7 +165,7 @@ class LinearOperator:
 
         Shapes: ``b`` ``(B, *in_shape)``; returns the same.
         """
-        gamma = _positive_float(gamma, "gamma")
+        gamma = positive(gamma, "gamma")
         self._check(b, self.in_shape, "in")
         return conjugate_gradient(
             lambda v: self.normal(v) + gamma * v, b, n_iter=self.cg_iters, tol=self.cg_tol
@@ -220,12 +222,6 @@ class LinearOperator:
         return f"{type(self).__name__}(in_shape={self.in_shape}, out_shape={self.out_shape})"
 
 
-def _positive_float(value, name: str) -> float:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {name} = {value!r}")
-    return float(value)
-
-
 def _shape(shape, name: str = "shape") -> tuple[int, ...]:
     try:
         shape = tuple(int(s) for s in shape)
@@ -279,7 +275,7 @@ class MatrixOperator(LinearOperator):
         return (coef @ vh[:r]).reshape(y.shape[0], *self.in_shape)
 
     def normal_solve(self, b: Tensor, gamma: float) -> Tensor:
-        gamma = _positive_float(gamma, "gamma")
+        gamma = positive(gamma, "gamma")
         self._check(b, self.in_shape, "in")
         a = self._on(b)
         gram = a.T @ a + gamma * torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
@@ -323,7 +319,7 @@ class Identity(LinearOperator):
         return y
 
     def normal_solve(self, b: Tensor, gamma: float) -> Tensor:
-        gamma = _positive_float(gamma, "gamma")
+        gamma = positive(gamma, "gamma")
         self._check(b, self.in_shape, "in")
         return b / (1 + gamma)
 
@@ -407,7 +403,7 @@ class Inpainting(LinearOperator):
         return self.adjoint(y)
 
     def normal_solve(self, b: Tensor, gamma: float) -> Tensor:
-        gamma = _positive_float(gamma, "gamma")
+        gamma = positive(gamma, "gamma")
         self._check(b, self.in_shape, "in")
         return b / (self.mask.to(dtype=b.dtype, device=b.device) + gamma)
 
@@ -438,7 +434,7 @@ def gaussian_kernel(size: int, std: float) -> Tensor:
     """A normalised ``size x size`` Gaussian kernel (``size`` odd), float64."""
     if not (isinstance(size, int) and size >= 1 and size % 2 == 1):
         raise ValueError(f"size must be an odd positive integer, got size = {size!r}")
-    std = _positive_float(std, "std")
+    std = positive(std, "std")
     r = torch.arange(size, dtype=torch.float64) - size // 2
     g = torch.exp(-0.5 * (r / std) ** 2)
     k = g[:, None] * g[None, :]
@@ -451,7 +447,7 @@ def motion_kernel(size: int, angle: float, length: float | None = None) -> Tenso
     horizontal), drawn with bilinear weights at sub-pixel sample points, float64."""
     if not (isinstance(size, int) and size >= 1 and size % 2 == 1):
         raise ValueError(f"size must be an odd positive integer, got size = {size!r}")
-    length = float(size) if length is None else _positive_float(length, "length")
+    length = float(size) if length is None else positive(length, "length")
     if length > size:
         raise ValueError(f"length must be at most size = {size}, got length = {length}")
     theta = math.radians(float(angle))
@@ -513,7 +509,7 @@ class Blur(LinearOperator):
         return self._filter(y, self._spec(y).conj())
 
     def normal_solve(self, b: Tensor, gamma: float) -> Tensor:
-        gamma = _positive_float(gamma, "gamma")
+        gamma = positive(gamma, "gamma")
         self._check(b, self.in_shape, "in")
         return self._filter(b, 1 / (self._spec(b).abs() ** 2 + gamma))
 
@@ -563,7 +559,7 @@ class Downsample(LinearOperator):
 
     def normal_solve(self, b: Tensor, gamma: float) -> Tensor:
         # A^T A = P / f^2 with P the block-mean projection: invert on range(P) and its complement
-        gamma = _positive_float(gamma, "gamma")
+        gamma = positive(gamma, "gamma")
         self._check(b, self.in_shape, "in")
         f = self.factor
         mean = self._adjoint(self._forward(b)) * f**2  # P b
@@ -702,7 +698,7 @@ class FourierSubsampling(LinearOperator):
         return self._weighted(self._adjoint(y), torch.where(w > 0, 1 / w.clamp(min=0.5), 0.0))
 
     def normal_solve(self, b: Tensor, gamma: float) -> Tensor:
-        gamma = _positive_float(gamma, "gamma")
+        gamma = positive(gamma, "gamma")
         self._check(b, self.in_shape, "in")
         return self._weighted(b, 1 / (self.weight + gamma))
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffcore._checks import positive
 from diffcore.analytic import GaussianMixture
 from diffcore.inverse.operators import LinearOperator, _check_sigma_y, inner
 from diffcore.processes import Process
@@ -52,9 +53,7 @@ __all__ = [
 def _positive(value, name: str) -> float:
     if isinstance(value, Tensor) and value.numel() == 1:
         value = float(value)
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {name} = {value!r}")
-    return float(value)
+    return positive(value, name)
 
 
 def _count(value, name: str) -> int:

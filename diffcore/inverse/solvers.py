@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from diffcore._checks import positive, require
 from diffcore.inverse.operators import (
     LinearOperator,
     _check_sigma_y,
@@ -45,19 +46,8 @@ __all__ = ["replacement", "dps", "pigdm", "ddrm", "red_diff", "dds", "diffpir", 
 
 
 # -- shared pieces -------------------------------------------------------------------------------
-def _require(ok: bool, name: str, value, need: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {need}, got {name} = {value!r}")
-
-
 def _unit(value, name: str) -> float:
-    _require(isinstance(value, (int, float)) and 0 <= value <= 1, name, value, "in [0, 1]")
-    return float(value)
-
-
-def _positive(value, name: str) -> float:
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and value > 0
-    _require(ok, name, value, "a positive finite number")
+    require(isinstance(value, (int, float)) and 0 <= value <= 1, name, value, "in [0, 1]")
     return float(value)
 
 
@@ -210,7 +200,7 @@ def dps(
     step, plus one.
     """
     eta = _unit(eta, "eta")
-    zeta = _positive(zeta, "zeta")
+    zeta = positive(zeta, "zeta")
     p = _Problem(process, operator, y, sigma_y, ts, x, generator)
     x = p.x
     for i in range(p.n):
@@ -264,8 +254,8 @@ def pigdm(
     backward pass per step, plus one.
     """
     eta = _unit(eta, "eta")
-    prior_var = _positive(prior_var, "prior_var")
-    guidance_scale = _positive(guidance_scale, "guidance_scale")
+    prior_var = positive(prior_var, "prior_var")
+    guidance_scale = positive(guidance_scale, "guidance_scale")
     p = _Problem(process, operator, y, sigma_y, ts, x, generator)
 
     def guided(i: int, x: Tensor) -> Tensor:
@@ -390,7 +380,7 @@ def red_diff(
     :math:`A^+ y` would amplify the noise).  Returns :math:`\mu`: a point estimate (mode-seeking), not a posterior
     sample.  Needs ``sigma_y > 0``.  One model call per time of ``ts`` except the last.
     """
-    lam, lr = _positive(lam, "lam"), _positive(lr, "lr")
+    lam, lr = positive(lam, "lam"), positive(lr, "lr")
     p = _Problem(process, operator, y, sigma_y, ts, x, generator)
     if p.sigma_y == 0:
         raise ValueError("red_diff's data term divides by sigma_y^2: give sigma_y > 0")
@@ -433,9 +423,9 @@ def dds(
     corrected :math:`\hat x_0'`.  One model call per step, plus one.
     """
     eta = _unit(eta, "eta")
-    _require(isinstance(cg_iters, int) and cg_iters >= 1, "cg_iters", cg_iters, "an integer >= 1")
+    require(isinstance(cg_iters, int) and cg_iters >= 1, "cg_iters", cg_iters, "an integer >= 1")
     if gamma is not None:
-        gamma = _positive(gamma, "gamma")
+        gamma = positive(gamma, "gamma")
     p = _Problem(process, operator, y, sigma_y, ts, x, generator)
     aty = operator.adjoint(p.y)
 
@@ -479,7 +469,7 @@ def diffpir(
     data step the posterior mean under :math:`x_0 \sim \mathcal N(\hat x_0, \bar\sigma_t^2 I)`.
     The estimate is the last :math:`\hat x_0'`.  One model call per step, plus one.
     """
-    lam, zeta = _positive(lam, "lam"), _unit(zeta, "zeta")
+    lam, zeta = positive(lam, "lam"), _unit(zeta, "zeta")
     p = _Problem(process, operator, y, sigma_y, ts, x, generator)
     aty = operator.adjoint(p.y)
 
