@@ -194,12 +194,20 @@ def _need_positive_alpha(name: str, a: list[float], ts: Tensor, why: str) -> Non
 
 
 def _noise_source(x: Tensor, generator, noise_sampler) -> Callable:
-    """``noise_sampler`` if given, else standard normal noise like ``x`` from ``generator``."""
+    """``noise(i, shape, std=None)``: ``noise_sampler(i, shape)`` if given, else standard normal
+    noise like ``x`` from ``generator``; with ``std``, ``std`` times it as a new tensor, which
+    the caller may update in place (drawn already scaled: one pass over memory fewer)."""
     if noise_sampler is not None:
-        return noise_sampler
 
-    def randn(i: int, shape) -> Tensor:
-        return torch.randn(shape, generator=generator, dtype=x.dtype, device=x.device)
+        def given(i: int, shape, std: float | None = None) -> Tensor:
+            z = noise_sampler(i, shape)
+            return z if std is None else z * std
+
+        return given
+
+    def randn(i: int, shape, std: float | None = None) -> Tensor:
+        std = 1.0 if std is None else std
+        return torch.normal(0.0, std, shape, generator=generator, dtype=x.dtype, device=x.device)
 
     return randn
 
@@ -403,11 +411,10 @@ def ddpm(
     ts, tm = _prepare(ts, x)
     a, s, _, _ = _coefficients(process, ts)
     ratio, weight, std = _ancestral_weights(a, s, _log_snr(process, ts))
-    ratio = _scales(ratio, x)
     noise = _noise_source(x, generator, noise_sampler)
     for i in range(len(tm) - 1):
-        x = torch.add(x * ratio[i], model(x, tm[i]), alpha=weight[i])
-        x = x.add_(noise(i, x.shape), alpha=std[i])
+        z = noise(i, x.shape, std[i])
+        x = z.add_(model(x, tm[i]), alpha=weight[i]).add_(x, alpha=ratio[i])
         if callback is not None:
             callback(i, tm[i + 1], x)
     return _finish(model, x, tm[-1], denoise_last)
@@ -494,11 +501,11 @@ def euler_maruyama(
     h = [t[i + 1] - t[i] for i in range(len(f))]
     # x + h (f x - g2 (alpha D - x)/sigma^2) = (1 + h f + pull) x - pull alpha D, pull = h g2/sigma^2
     pull = [h[i] * g2[i] / s[i] ** 2 for i in range(len(h))]
-    keep = _scales((1 + h[i] * f[i] + pull[i] for i in range(len(h))), x)
+    keep = [1 + h[i] * f[i] + pull[i] for i in range(len(h))]
     noise = _noise_source(x, generator, noise_sampler)
     for i in range(len(h)):
-        x = torch.add(x * keep[i], model(x, tm[i]), alpha=-pull[i] * a[i])
-        x = x.add_(noise(i, x.shape), alpha=math.sqrt(-h[i] * g2[i]))
+        z = noise(i, x.shape, math.sqrt(-h[i] * g2[i]))
+        x = z.add_(model(x, tm[i]), alpha=-pull[i] * a[i]).add_(x, alpha=keep[i])
         if callback is not None:
             callback(i, tm[i + 1], x)
     return _finish(model, x, tm[-1], denoise_last)
@@ -539,16 +546,15 @@ def pc(
     ts, tm = _prepare(ts, x)
     a, s, _, _ = _coefficients(process, ts)
     ratio, weight, std = _ancestral_weights(a, s, _log_snr(process, ts))
-    ratio = _scales(ratio, x)
     pull = 2 * snr**2  # epsilon / sigma_t^2
-    (kept,) = _scales([1 - pull], x)
+    kept = 1 - pull
     noise = _noise_source(x, generator, noise_sampler)
     for i in range(len(tm) - 1):
         for _ in range(n_corrector):  # Langevin: (1 - 2r^2) x + 2r^2 alpha D + 2 r sigma z
-            x = torch.add(x * kept, model(x, tm[i]), alpha=pull * a[i])
-            x = x.add_(noise(i, x.shape), alpha=2 * snr * s[i])
-        x = torch.add(x * ratio[i], model(x, tm[i]), alpha=weight[i])  # ancestral predictor
-        x = x.add_(noise(i, x.shape), alpha=std[i])
+            z = noise(i, x.shape, 2 * snr * s[i])
+            x = z.add_(model(x, tm[i]), alpha=pull * a[i]).add_(x, alpha=kept)
+        z = noise(i, x.shape, std[i])  # ancestral predictor
+        x = z.add_(model(x, tm[i]), alpha=weight[i]).add_(x, alpha=ratio[i])
         if callback is not None:
             callback(i, tm[i + 1], x)
     return _finish(model, x, tm[-1], denoise_last)
@@ -603,13 +609,12 @@ def annealed_langevin(
     require(eps < 4 * level_last**2, "eps", eps, f"< 4 (sigma/alpha)^2 = {4 * level_last**2:.6g}")
     c = eps / (2 * level_last**2)
     up = _scales((a[i + 1] / a[i] for i in range(len(a) - 1)), x)  # y = x / alpha stays put
-    (kept,) = _scales([1 - c], x)
     noise = _noise_source(x, generator, noise_sampler)
     for i in range(len(tm) - 1):
         x = x * up[i]
         for _ in range(n_steps_each):
-            x = torch.add(x * kept, model(x, tm[i + 1]), alpha=c * a[i + 1])
-            x = x.add_(noise(i, x.shape), alpha=math.sqrt(2 * c) * s[i + 1])
+            z = noise(i, x.shape, math.sqrt(2 * c) * s[i + 1])
+            x = z.add_(model(x, tm[i + 1]), alpha=c * a[i + 1]).add_(x, alpha=1 - c)
         if callback is not None:
             callback(i, tm[i + 1], x)
     return _finish(model, x, tm[-1], denoise_last)

@@ -266,3 +266,29 @@ def test_sampler_output_law_refuses_bad_input():
         metrics.sampler_output_law("ddpm", g, ts, vp, noise_sampler=lambda i, shape: None)
     with pytest.raises(ValueError, match=r"eta must be in \[0, 1\], got eta = -1"):
         metrics.sampler_output_law("ddim", g, ts, vp, eta=-1)
+
+
+@pytest.mark.parametrize(
+    "name", ["ddpm", "ddim", "euler_maruyama", "heun", "pc", "annealed_langevin"]
+)
+def test_drawn_noise_is_the_noise_a_noise_sampler_would_give(name):
+    """A sampler's own draws from ``generator`` are the standard normals that a ``noise_sampler``
+    drawing from the same seeded generator hands out, scaled inside the sampler: both runs agree
+    to float64 rounding (the scaled draw ``normal(0, std)`` is ``std * z`` of the same stream)."""
+    vp = processes.VP()
+    g = _gaussian()
+    ts = samplers.time_grid(vp, 6, kind="logsnr", t_min=T_MIN, t_max=T_MAX)
+    x = g.marginal(T_MAX, vp).sample(32, generator=torch.Generator().manual_seed(0))
+    options = _options(name, vp)
+    run = samplers.SAMPLERS[name]
+    own = run(g.denoiser(vp), x, ts, vp, generator=torch.Generator().manual_seed(3), **options)
+    replay = torch.Generator().manual_seed(3)
+    given = run(
+        g.denoiser(vp),
+        x,
+        ts,
+        vp,
+        noise_sampler=lambda i, shape: torch.randn(shape, generator=replay, dtype=x.dtype),
+        **options,
+    )
+    torch.testing.assert_close(own, given, rtol=1e-12, atol=1e-12)
