@@ -7,14 +7,16 @@
   (``SOLVERS``): replacement, DPS, PiGDM, DDRM, RED-diff, DDS, DiffPIR.
 - :mod:`diffcore.inverse.pnp`: plug-and-play priors read as a score-based method (PnP-PGD,
   PnP-ADMM, DPIR-style HQS, RED), the PnP denoiser of a diffusion model, classical denoisers, and
-  total variation with its exact and closed-form proximal operators.
+  total variation with its exact and closed-form proximal operators; PnP-DM, a posterior
+  sampler whose prior step is a diffusion model.
+- :mod:`diffcore.inverse.blind`: blind deblurring, image and kernel unknown (Blind-PnPDM).
 
 The exact posterior of a Gaussian-mixture prior is
 :meth:`diffcore.analytic.GaussianMixture.posterior`.
 """
 
-from diffcore.inverse import operators, pnp, solvers
+from diffcore.inverse import blind, operators, pnp, solvers
 from diffcore.inverse.operators import measure
 from diffcore.inverse.solvers import SOLVERS
 
-__all__ = ["operators", "solvers", "pnp", "measure", "SOLVERS"]
+__all__ = ["operators", "solvers", "pnp", "blind", "measure", "SOLVERS"]

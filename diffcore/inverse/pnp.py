@@ -7,7 +7,9 @@ smoothed by :math:`\mathcal N(0, \sigma^2 I)`: a score model *is* a PnP denoiser
 change of variables :math:`x_t = \alpha_t x` at the time where :math:`\sigma_t/\alpha_t = \sigma`.
 
 Algorithms (the data term is :math:`f(x) = \lVert y - Ax\rVert^2/(2\sigma_y^2)`): :func:`pnp_pgd`,
-:func:`pnp_admm`, :func:`pnp_hqs` (DPIR-style, decreasing :math:`\sigma`), :func:`red`.
+:func:`pnp_admm`, :func:`pnp_hqs` (DPIR-style, decreasing :math:`\sigma`), :func:`red`; and a
+posterior sampler, :func:`pnp_dm` (split Gibbs: :func:`likelihood_step`, then the prior step
+:func:`diffusion_prior_step`, a Gaussian denoising posterior sampled by the diffusion model).
 Classical denoisers: :func:`wiener_denoiser`, :func:`fourier_wiener_denoiser`,
 :func:`patch_gmm_denoiser`.  Total variation: :func:`tv`, the exact :func:`tv_prox`, the
 closed-form :func:`tv_prox_approx` and the solver :func:`tv_fista`.
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffcore import samplers as _samplers
 from diffcore._checks import positive
 from diffcore.analytic import GaussianMixture
 from diffcore.inverse.operators import LinearOperator, _check_sigma_y, inner
@@ -42,6 +45,9 @@ __all__ = [
     "pnp_hqs",
     "dpir_sigmas",
     "red",
+    "likelihood_step",
+    "diffusion_prior_step",
+    "pnp_dm",
     "tv",
     "tv_prox",
     "tv_prox_approx",
@@ -419,6 +425,125 @@ def red(
     trace = [] if history else None
     for _ in range(n_iter):
         x = x - step * (_data_grad(operator, x, y, sigma_y) + lam * (x - denoise(x, sigma)))
+        if trace is not None:
+            trace.append(x.clone())
+    return _finish(x, trace)
+
+
+# -- posterior sampling: PnP-DM -----------------------------------------------------------------
+def likelihood_step(
+    operator: LinearOperator,
+    y: Tensor,
+    sigma_y: float,
+    x: Tensor,
+    rho: float,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""A sample of :math:`z \sim \mathcal N(m, \Sigma) \propto \exp(-\lVert y - Az\rVert^2 /
+    (2\sigma_y^2) - \lVert z - x\rVert^2/(2\rho^2))`, the likelihood step of PnP-DM.
+
+    :math:`\Sigma = (A^\top A/\sigma_y^2 + I/\rho^2)^{-1}` and :math:`m = \Sigma(A^\top y /
+    \sigma_y^2 + x/\rho^2)`.  Drawn exactly by perturbation and optimisation: with
+    :math:`\gamma = \sigma_y^2/\rho^2`,
+
+    .. math:: z = (A^\top A + \gamma I)^{-1}\big(A^\top(y + \sigma_y\varepsilon_1)
+        + \gamma(x + \rho\varepsilon_2)\big),
+
+    whose mean is :math:`m` and covariance :math:`\Sigma`; one ``operator.normal_solve``.
+    Shapes: ``y`` ``(B, *out_shape)``, ``x`` ``(B, *in_shape)``; returns ``(B, *in_shape)``.
+    """
+    if not isinstance(operator, LinearOperator) or operator.complex_output:
+        raise ValueError(f"operator must be a LinearOperator with real output, got {operator!r}")
+    sigma_y, rho = _check_sigma_y(sigma_y), _positive(rho, "rho")
+    if sigma_y == 0:
+        raise ValueError("the likelihood step needs noise: give sigma_y > 0")
+    operator._check(y, operator.out_shape, "out")
+    operator._check(x, operator.in_shape, "in")
+    gamma = (sigma_y / rho) ** 2
+
+    def normal(v: Tensor) -> Tensor:
+        return torch.randn(v.shape, generator=generator, dtype=v.dtype, device=v.device)
+
+    noisy_y = y + sigma_y * normal(y)
+    noisy_x = x + rho * normal(x)
+    return operator.normal_solve(operator.adjoint(noisy_y) + gamma * noisy_x, gamma)
+
+
+def diffusion_prior_step(
+    denoiser: Callable,
+    process: Process,
+    n_steps: int = 20,
+    generator: torch.Generator | None = None,
+    noise_sampler: Callable | None = None,
+) -> Callable:
+    r"""The prior step of PnP-DM with a diffusion model: ``step(z, rho)`` samples
+    :math:`p(x \mid z) \propto p(x)\exp(-\lVert x - z\rVert^2/(2\rho^2))`.
+
+    If :math:`z = x + \rho n`, then :math:`\alpha_t z` at the time :math:`t` with
+    :math:`\sigma_t/\alpha_t = \rho` (:func:`noise_level_time`) has the law of :math:`x_t`
+    given :math:`x`, so the reverse process started there samples the denoising posterior.  Here
+    it is :func:`~diffcore.samplers.ddpm`, the discretised reverse SDE: ``n_steps`` equal steps
+    in log-SNR from the level :math:`\rho` down to :math:`\rho/100`, then its exact last step
+    to :math:`t = 0` (for VE, whose levels end at :math:`\sigma_{\min}`, the grid ends there).
+    Exact in law as the steps shrink, first order.  Only the reverse SDE itself samples the
+    posterior: an ODE, or a sampler with extra churn, keeps the marginals but not the coupling
+    of :math:`x_0` to :math:`x_t`.  ``noise_sampler`` goes to the sampler.  Shapes: ``z``
+    ``(B, ...)``; returns ``(B, ...)``.
+    """
+    n_steps = _count(n_steps, "n_steps")
+    zero = torch.zeros(1, dtype=torch.float64)
+    lowest = float(torch.exp(-process.lam(zero)))  # the level at t = 0
+
+    def step(z: Tensor, rho) -> Tensor:
+        rho = _positive(rho, "rho")
+        t = float(noise_level_time(process, rho))
+        floor = float(noise_level_time(process, max(rho / 100, lowest)))
+        ts = _samplers.time_grid(process, n_steps, kind="logsnr", t_min=floor, t_max=t)
+        if floor > 0:
+            ts = torch.cat([ts, zero])
+        start = process.alpha(torch.tensor(t, dtype=torch.float64)).item() * z
+        return _samplers.ddpm(
+            denoiser, start, ts, process, generator=generator, noise_sampler=noise_sampler
+        )
+
+    return step
+
+
+def pnp_dm(
+    prior_step: Callable,
+    operator: LinearOperator,
+    y: Tensor,
+    sigma_y: float,
+    rhos,
+    *,
+    x: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    history: bool = False,
+):
+    r"""PnP-DM (Wu et al., 2024): posterior sampling by a split Gibbs sampler.
+
+    The target couples :math:`x` to a copy :math:`z` at strength :math:`\rho`,
+
+    .. math:: \pi_\rho(x, z) \propto p(x)\,e^{-\lVert x - z\rVert^2/(2\rho^2)}\,
+        e^{-\lVert y - Az\rVert^2/(2\sigma_y^2)},
+
+    whose :math:`x`-marginal is :math:`p(x)\,\mathcal N(y; Ax, \sigma_y^2 I + \rho^2 AA^\top)`:
+    the posterior as :math:`\rho \to 0`.  One sweep per :math:`\rho_k` of ``rhos`` (annealed,
+    e.g. :func:`dpir_sigmas`): the likelihood step :math:`z \sim \pi(z \mid x)`
+    (:func:`likelihood_step`, exact), then the prior step :math:`x \sim \pi(x \mid z)`, a
+    Gaussian denoising posterior, ``prior_step(z, rho)`` (:func:`diffusion_prior_step`).  Start
+    ``x`` (default :math:`A^+ y`).  Each batch entry is its own chain.  Returns the last ``x``
+    (and the list of iterates with ``history=True``).  Shapes: ``y`` ``(B, *out_shape)``;
+    returns ``(B, *in_shape)``.
+    """
+    sigma_y, x = _check_problem(operator, y, sigma_y, x)
+    rhos = [_positive(rho, "rho") for rho in rhos]
+    if not rhos:
+        raise ValueError("rhos must hold at least one coupling strength")
+    trace = [] if history else None
+    for rho in rhos:
+        z = likelihood_step(operator, y, sigma_y, x, rho, generator)
+        x = prior_step(z, rho)
         if trace is not None:
             trace.append(x.clone())
     return _finish(x, trace)
