@@ -88,6 +88,8 @@ def test_blur_faces_refuse_bad_input():
         blind.ImageBlur(torch.ones(2, 2, 3), (1, 8, 8))
     with pytest.raises(ValueError, match="one entry per kernel"):
         blind.ImageBlur(torch.ones(2, 3, 3), (1, 8, 8))(torch.ones(3, 1, 8, 8))
+    with pytest.raises(ValueError, match="one entry per image"):
+        blind.KernelBlur(torch.ones(2, 1, 8, 8), (3, 3))(torch.ones(3, 3, 3))
     with pytest.raises(ValueError, match="exceeds the image"):
         blind.KernelBlur(torch.ones(2, 1, 4, 4), (5, 5))
 

@@ -41,7 +41,22 @@ def _spectra(kernels: Tensor, size: tuple[int, int]) -> Tensor:
     return torch.fft.rfft2(padded)[:, None]
 
 
-class ImageBlur(LinearOperator):
+class _PerEntry(LinearOperator):
+    """An operator whose batch entries each carry their own parameters (``batch`` of them)."""
+
+    batch: int
+    entry: str
+
+    def _check(self, v: Tensor, shape: tuple[int, ...], name: str) -> None:
+        super()._check(v, shape, name)
+        if v.shape[0] != self.batch:
+            raise ValueError(
+                f"{name} must have one entry per {self.entry} ({self.batch}), got batch "
+                f"{v.shape[0]}"
+            )
+
+
+class ImageBlur(_PerEntry):
     r""":math:`x \mapsto k_b \circledast x` with kernel :math:`k_b` for batch entry :math:`b`,
     diagonal in the Fourier basis: :math:`A^\top` multiplies by :math:`\bar{\hat k}_b` and
     :math:`(A^\top A + \gamma I)^{-1}` divides by :math:`|\hat k_b|^2 + \gamma`.  ``kernels``
@@ -59,14 +74,7 @@ class ImageBlur(LinearOperator):
             raise ValueError(f"kernels {tuple(kernels.shape[1:])} exceed the image {self.in_shape}")
         self.kernels = kernels
         self.spectrum = _spectra(kernels, self.in_shape[1:])
-
-    def _check(self, v: Tensor, shape: tuple[int, ...], name: str) -> None:
-        super()._check(v, shape, name)
-        if v.shape[0] != self.kernels.shape[0]:
-            raise ValueError(
-                f"{name} must have one entry per kernel ({self.kernels.shape[0]}), got batch "
-                f"{v.shape[0]}"
-            )
+        self.batch, self.entry = kernels.shape[0], "kernel"
 
     def _filter(self, v: Tensor, gain: Tensor) -> Tensor:
         return torch.fft.irfft2(torch.fft.rfft2(v) * gain, s=v.shape[-2:]).to(v.dtype)
@@ -83,7 +91,7 @@ class ImageBlur(LinearOperator):
         return self._filter(b, 1 / (self.spectrum.abs() ** 2 + gamma))
 
 
-class KernelBlur(LinearOperator):
+class KernelBlur(_PerEntry):
     r""":math:`k \mapsto k \circledast x_b` with image :math:`x_b` for batch entry :math:`b`: the
     same measurement, read as linear in the kernel.  Its matrix :math:`X_b` (pixels by taps) has
     one column per tap, the image shifted to that tap, so :math:`(X_b^\top X_b + \gamma I)^{-1}`
@@ -106,14 +114,7 @@ class KernelBlur(LinearOperator):
         )  # (B, taps, C, H, W): the image blurred by each unit tap
         self.matrix = columns.reshape(images.shape[0], kh * kw, -1).transpose(1, 2)
         self.gram = self.matrix.transpose(1, 2) @ self.matrix
-
-    def _check(self, v: Tensor, shape: tuple[int, ...], name: str) -> None:
-        super()._check(v, shape, name)
-        if v.shape[0] != self.matrix.shape[0]:
-            raise ValueError(
-                f"{name} must have one entry per image ({self.matrix.shape[0]}), got batch "
-                f"{v.shape[0]}"
-            )
+        self.batch, self.entry = images.shape[0], "image"
 
     def _forward(self, k: Tensor) -> Tensor:
         out = self.matrix @ k.reshape(k.shape[0], -1, 1).to(self.matrix.dtype)
