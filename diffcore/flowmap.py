@@ -59,6 +59,7 @@ __all__ = [
     "consistency_distillation_loss",
     "consistency_training_loss",
     "ctm_loss",
+    "with_ema_target",
     "total_derivative",
     "meanflow_loss",
     "consistency_sample",
@@ -366,6 +367,35 @@ def _frozen(model: Callable) -> Callable:
 
 def _squared(a: Tensor, b: Tensor) -> Tensor:
     return ((a - b) ** 2).flatten(1).sum(1).mean()
+
+
+def with_ema_target(loss: Callable, student: nn.Module, decay: float = 0.9) -> Callable:
+    r"""``loss(model, target, x0, generator)`` as a loss of ``(model, x0, generator)`` for
+    :func:`diffcore.train.fit`, with the target network :math:`\theta^-` of consistency models
+    and CTM: an exponential moving average of the student's weights (``train.EMA``,
+    bias-corrected), folded in and copied to a frozen copy of ``student`` before each loss.
+
+    After :math:`n` calls with student weights :math:`\theta_1, \dots, \theta_n` (and
+    :math:`\theta_0` at construction), the target holds
+    :math:`\sum_k \beta^{n-k}\theta_k / \sum_k \beta^{n-k}`; ``decay = 0`` makes it the
+    student itself, without gradient.  The target is ``with_ema_target(...).target``.
+    """
+    import copy
+
+    from diffcore.train import EMA
+
+    if not isinstance(student, nn.Module):
+        raise ValueError(f"student must be an nn.Module, got {type(student).__name__}")
+    average = EMA(student, decay)
+    target = copy.deepcopy(student).requires_grad_(False)
+
+    def loss_with_target(model: nn.Module, x0: Tensor, generator=None) -> Tensor:
+        average.update(model)
+        average.copy_to(target)
+        return loss(model, target, x0, generator)
+
+    loss_with_target.target = target
+    return loss_with_target
 
 
 # -- consistency models ------------------------------------------------------------------------

@@ -448,6 +448,35 @@ def test_consistency_distillation_with_an_exact_teacher_learns_the_flow_map():
     assert error(model) < 0.2 * before, (error(model), before)
 
 
+def test_ema_target_holds_the_bias_corrected_average_of_the_students_weights():
+    """After n calls the target is sum_k b^(n-k) theta_k / sum_k b^(n-k) over the student's
+    weights theta_0 (at construction) .. theta_n, frozen; the loss sees the student and it."""
+    student = torch.nn.Linear(2, 1)
+    decay, history, seen = 0.7, [], []
+
+    def loss(model, target, x0, generator):
+        seen.append((model, target))
+        return (model(x0) - target(x0)).pow(2).mean()
+
+    wrapped = flowmap.with_ema_target(loss, student, decay)
+    history.append(student.weight.detach().clone())
+    for step in range(5):
+        with torch.no_grad():
+            student.weight.add_(0.3 * (step + 1))
+        history.append(student.weight.detach().clone())
+        value = wrapped(student, torch.ones(4, 2), None)
+        n = len(history) - 1
+        w = torch.tensor([decay ** (n - k) for k in range(n + 1)])
+        expected = sum(wk * h for wk, h in zip(w, history, strict=True)) / w.sum()
+        torch.testing.assert_close(wrapped.target.weight, expected)
+    assert seen[-1] == (student, wrapped.target)
+    assert not any(p.requires_grad for p in wrapped.target.parameters())
+    value.backward()
+    assert student.weight.grad is not None and float(student.weight.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="student must be an nn.Module"):
+        flowmap.with_ema_target(loss, lambda x, t: x)
+
+
 def test_meanflow_learns_the_average_velocity_of_a_gaussian():
     """A tiny TwoTimeMLP trained with the MeanFlow loss for 200 steps on a 2-D Gaussian.  Error:
     E||u_theta(z, t, s) - u(z, t, s)||^2 on held-out (z_t, t, s), as a fraction of the variance
