@@ -262,3 +262,92 @@ def test_blind_pnp_dm_refuses_bad_input():
         blind.blind_pnp_dm(step, step, torch.zeros(2, 8, 8), 0.1, (3, 3), [0.5], [0.5])
     with pytest.raises(ValueError, match=r"and kernel \(2, 3, 3\)"):
         blind.blind_pnp_dm(step, step, y, 0.1, (3, 3), [0.5], [0.5], kernel=torch.zeros(2, 5, 5))
+
+
+def _exact_coupled_means(y, mu_x, cov_x, mu_k, cov_k, rho, rho_k, sigma_y, n_grid):
+    """E[k] and E[x] under Blind-PnPDM's coupled target at fixed couplings, Gaussian priors.
+
+    Integrating out z, then x: the kernel copy w has the weight N(w; mu_k, cov_k + rho_k^2 I)
+    N(y; W mu_x, S(w)), S = W (cov_x + rho^2 I) W^T + sigma_y^2 I, W the matrix of z -> w * z;
+    given w, E[k | w] = mu_k + cov_k (cov_k + rho_k^2 I)^{-1} (w - mu_k) and E[x | w] = mu_x +
+    cov_x W^T S^{-1} (y - W mu_x).  The integral over w (3 taps) is a tensor grid of n_grid^3
+    points along the principal axes of a first, coarse pass (+-8 standard deviations)."""
+    d, q = mu_x.shape[0], mu_k.shape[0]
+    shape = (1, 1, d)
+    basis = torch.eye(d).reshape(d, *shape)
+    taps = torch.eye(q).reshape(q, 1, 1, q)
+    B = torch.stack(
+        [blind.ImageBlur(t.expand(d, 1, q), shape)(basis).reshape(d, d).T for t in taps]
+    )
+    yv, prior_w = y.flatten(), cov_k + rho_k**2 * torch.eye(q)
+
+    def weighted(center, axes, half_widths):
+        u = torch.linspace(-1, 1, n_grid)
+        grid = torch.stack(torch.meshgrid(u, u, u, indexing="ij"), -1).reshape(-1, q)
+        w = center + (grid * half_widths) @ axes.T
+        W = torch.einsum("gj,jab->gab", w, B)
+        S = W @ (cov_x + rho**2 * torch.eye(d)) @ W.transpose(1, 2) + sigma_y**2 * torch.eye(d)
+        chol = torch.linalg.cholesky(S)
+        r = yv - W @ mu_x
+        sol = torch.cholesky_solve(r[..., None], chol)[..., 0]
+        dw = w - mu_k
+        log_w = -0.5 * (r * sol).sum(-1) - chol.diagonal(dim1=1, dim2=2).log().sum(-1)
+        log_w = log_w - 0.5 * (dw @ torch.linalg.inv(prior_w) * dw).sum(-1)
+        p = torch.softmax(log_w, 0)
+        k_w = mu_k + dw @ (cov_k @ torch.linalg.inv(prior_w)).T
+        x_w = mu_x + (cov_x @ W.transpose(1, 2) @ sol[..., None])[..., 0]
+        mean_w = p @ w
+        return mean_w, (w - mean_w).T @ ((w - mean_w) * p[:, None]), p @ k_w, p @ x_w
+
+    ev, axes = torch.linalg.eigh(prior_w)
+    mean_w, cov_w, _, _ = weighted(mu_k, axes, 6 * ev.sqrt())
+    ev, axes = torch.linalg.eigh(cov_w)
+    return weighted(mean_w, axes, 8 * ev.sqrt())[2:]
+
+
+def test_blind_pnp_dm_converges_to_the_exact_law_of_its_coupled_target():
+    """At fixed couplings the chain's (x, k) law is the coupled target's marginal, whose means
+    are a 3-D integral over the kernel copy (Gaussian priors, a six-pixel signal, three taps).
+    4000 chains from the default start (x = y, a delta kernel), 200 sweeps; the means of k and
+    x lie within 5 standard errors of the integral.  The chain forgets its start geometrically
+    (measured: 20 sweeps leave ~10 standard errors of bias, 40 sweeps ~2, 80 sweeps ~1), and
+    the integral is converged (31 vs 41 grid points per axis agree to below 1% of a standard
+    error).  The kernel prior is tight enough for the target to have one mode: under a broad
+    one a few chains find the sign-flipped pair (-k, -x), which the grid around the main mode
+    would miss.  Five seeds gave largest |z| from 0.6 to 2.5."""
+    gen = torch.Generator().manual_seed(7)
+    d = 6
+    mu_x = torch.linspace(-0.5, 0.5, d, dtype=torch.float64)
+    cov_x = 0.5 * torch.exp(-((torch.arange(d)[:, None] - torch.arange(d)) ** 2) / 4.0).double()
+    mu_k = torch.tensor([0.25, 0.5, 0.25], dtype=torch.float64)
+    cov_k = 0.005 * torch.eye(3, dtype=torch.float64) + 0.002
+    rho, rho_k, sigma_y = 0.3, 0.05, 0.1
+    x_true = mu_x + torch.linalg.cholesky(cov_x) @ torch.randn(
+        d, generator=gen, dtype=torch.float64
+    )
+    k_true = mu_k + torch.linalg.cholesky(cov_k) @ torch.randn(
+        3, generator=gen, dtype=torch.float64
+    )
+    shape = (1, 1, d)
+    y = blind.ImageBlur(k_true.reshape(1, 1, 3), shape)(x_true.reshape(1, *shape))
+    y = y + sigma_y * torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    args = (y, mu_x, cov_x, mu_k, cov_k, rho, rho_k, sigma_y)
+    k_exact, x_exact = _exact_coupled_means(*args, n_grid=41)
+    k_coarse, _ = _exact_coupled_means(*args, n_grid=31)
+
+    n = 4000
+    x, k = blind.blind_pnp_dm(
+        _gaussian_prior_step(mu_x, cov_x, gen),
+        _gaussian_prior_step(mu_k, cov_k, gen),
+        y.expand(n, *shape),
+        sigma_y,
+        (1, 3),
+        [rho] * 200,
+        [rho_k] * 200,
+        generator=gen,
+    )
+    k, x = k.flatten(1), x.flatten(1)
+    se_k, se_x = k.std(0) / math.sqrt(n), x.std(0) / math.sqrt(n)
+    assert float(((k_exact - k_coarse).abs() / se_k).max()) < 0.01
+    z_k, z_x = (k.mean(0) - k_exact) / se_k, (x.mean(0) - x_exact) / se_x
+    assert float(z_k.abs().max()) < 5 and float(z_x.abs().max()) < 5, (z_k, z_x)
