@@ -18,7 +18,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from diffcore.inverse.operators import LinearOperator, _check_sigma_y, _shape
+from diffcore.inverse.operators import (
+    LinearOperator,
+    _check_sigma_y,
+    _fourier_filter,
+    _kernel_spectra,
+    _shape,
+)
 from diffcore.inverse.pnp import _finish, _positive, likelihood_step
 
 __all__ = ["ImageBlur", "KernelBlur", "blind_pnp_dm"]
@@ -29,16 +35,6 @@ def _kernel_shape(shape) -> tuple[int, int]:
     if len(shape) != 2 or shape[0] % 2 == 0 or shape[1] % 2 == 0:
         raise ValueError(f"kernel_shape must be two odd sizes (kh, kw), got {shape}")
     return shape
-
-
-def _spectra(kernels: Tensor, size: tuple[int, int]) -> Tensor:
-    """The rFFT of each kernel, zero-padded to ``size`` and centred at pixel (0, 0):
-    ``(B, kh, kw) -> (B, 1, H, W // 2 + 1)``."""
-    kh, kw = kernels.shape[-2:]
-    padded = kernels.new_zeros(kernels.shape[0], *size)
-    padded[:, :kh, :kw] = kernels
-    padded = torch.roll(padded, (-(kh // 2), -(kw // 2)), (1, 2))
-    return torch.fft.rfft2(padded)[:, None]
 
 
 class _PerEntry(LinearOperator):
@@ -73,22 +69,19 @@ class ImageBlur(_PerEntry):
         if kernels.shape[1] > self.in_shape[1] or kernels.shape[2] > self.in_shape[2]:
             raise ValueError(f"kernels {tuple(kernels.shape[1:])} exceed the image {self.in_shape}")
         self.kernels = kernels
-        self.spectrum = _spectra(kernels, self.in_shape[1:])
+        self.spectrum = _kernel_spectra(kernels, self.in_shape[1:])[:, None]  # (B, 1, H, W//2+1)
         self.batch, self.entry = kernels.shape[0], "kernel"
 
-    def _filter(self, v: Tensor, gain: Tensor) -> Tensor:
-        return torch.fft.irfft2(torch.fft.rfft2(v) * gain, s=v.shape[-2:]).to(v.dtype)
-
     def _forward(self, x: Tensor) -> Tensor:
-        return self._filter(x, self.spectrum)
+        return _fourier_filter(x, self.spectrum)
 
     def _adjoint(self, y: Tensor) -> Tensor:
-        return self._filter(y, self.spectrum.conj())
+        return _fourier_filter(y, self.spectrum.conj())
 
     def normal_solve(self, b: Tensor, gamma: float) -> Tensor:
         gamma = _positive(gamma, "gamma")
         self._check(b, self.in_shape, "in")
-        return self._filter(b, 1 / (self.spectrum.abs() ** 2 + gamma))
+        return _fourier_filter(b, 1 / (self.spectrum.abs() ** 2 + gamma))
 
 
 class KernelBlur(_PerEntry):
@@ -108,10 +101,9 @@ class KernelBlur(_PerEntry):
         if kh > self.out_shape[1] or kw > self.out_shape[2]:
             raise ValueError(f"kernel_shape {self.in_shape} exceeds the image {self.out_shape}")
         taps = torch.eye(kh * kw, dtype=images.dtype, device=images.device).reshape(-1, kh, kw)
-        spectra = _spectra(taps, self.out_shape[1:])  # (taps, 1, H, W//2+1)
-        columns = torch.fft.irfft2(
-            torch.fft.rfft2(images)[:, None] * spectra[None], s=self.out_shape[1:]
-        )  # (B, taps, C, H, W): the image blurred by each unit tap
+        spectra = _kernel_spectra(taps, self.out_shape[1:])  # (taps, H, W//2+1)
+        # (B, taps, C, H, W): the image blurred by each unit tap
+        columns = _fourier_filter(images[:, None], spectra[None, :, None])
         self.matrix = columns.reshape(images.shape[0], kh * kw, -1).transpose(1, 2)
         self.gram = self.matrix.transpose(1, 2) @ self.matrix
         self.batch, self.entry = images.shape[0], "image"

@@ -465,6 +465,21 @@ def motion_kernel(size: int, angle: float, length: float | None = None) -> Tenso
     return k / k.sum()
 
 
+def _kernel_spectra(kernels: Tensor, size: tuple[int, int]) -> Tensor:
+    """The rFFT of each kernel (odd sizes), zero-padded to ``size`` and centred at pixel (0, 0),
+    the circular-convolution convention of :class:`Blur`: ``(B, kh, kw) -> (B, H, W // 2 + 1)``."""
+    kh, kw = kernels.shape[-2:]
+    padded = kernels.new_zeros(kernels.shape[0], *size)
+    padded[:, :kh, :kw] = kernels
+    padded = torch.roll(padded, (-(kh // 2), -(kw // 2)), (1, 2))
+    return torch.fft.rfft2(padded)
+
+
+def _fourier_filter(v: Tensor, gain: Tensor) -> Tensor:
+    """``v`` ``(..., H, W)`` multiplied by ``gain`` in the rFFT domain, back in ``v``'s dtype."""
+    return torch.fft.irfft2(torch.fft.rfft2(v) * gain, s=v.shape[-2:]).to(v.dtype)
+
+
 class Blur(LinearOperator):
     r"""Circular convolution with ``kernel`` ``(k1, k2)`` (odd sizes, centred), by the FFT.
 
@@ -488,36 +503,29 @@ class Blur(LinearOperator):
         if kernel.shape[0] > h or kernel.shape[1] > w:
             raise ValueError(f"kernel {tuple(kernel.shape)} is larger than the image {h} x {w}")
         self.kernel = kernel.to(torch.float64)
-        padded = torch.zeros(h, w, dtype=torch.float64)
-        padded[: kernel.shape[0], : kernel.shape[1]] = self.kernel
-        padded = torch.roll(padded, (-(kernel.shape[0] // 2), -(kernel.shape[1] // 2)), (0, 1))
-        self.spectrum = torch.fft.rfft2(padded)  # (H, W // 2 + 1)
+        self.spectrum = _kernel_spectra(self.kernel[None], (h, w))[0]  # (H, W // 2 + 1)
 
     def _spec(self, v: Tensor) -> Tensor:
         return self.spectrum.to(
             device=v.device, dtype=torch.promote_types(v.dtype, torch.complex64)
         )
 
-    def _filter(self, v: Tensor, gain: Tensor) -> Tensor:
-        out = torch.fft.irfft2(torch.fft.rfft2(v) * gain, s=v.shape[-2:])
-        return out.to(v.dtype)
-
     def _forward(self, x: Tensor) -> Tensor:
-        return self._filter(x, self._spec(x))
+        return _fourier_filter(x, self._spec(x))
 
     def _adjoint(self, y: Tensor) -> Tensor:
-        return self._filter(y, self._spec(y).conj())
+        return _fourier_filter(y, self._spec(y).conj())
 
     def normal_solve(self, b: Tensor, gamma: float) -> Tensor:
         gamma = positive(gamma, "gamma")
         self._check(b, self.in_shape, "in")
-        return self._filter(b, 1 / (self._spec(b).abs() ** 2 + gamma))
+        return _fourier_filter(b, 1 / (self._spec(b).abs() ** 2 + gamma))
 
     def pinv(self, y: Tensor) -> Tensor:
         self._check(y, self.out_shape, "out")
         h = self._spec(y)
         keep = h.abs() > self.rcond * h.abs().amax()
-        return self._filter(y, torch.where(keep, 1 / torch.where(keep, h, 1), 0))
+        return _fourier_filter(y, torch.where(keep, 1 / torch.where(keep, h, 1), 0))
 
 
 # -- super-resolution ----------------------------------------------------------------------------
