@@ -13,6 +13,8 @@ import torch
 
 from diffcore import analytic, metrics, processes, samplers
 
+from ._moments import assert_gaussian_moments
+
 T_MAX, T_MIN = 0.99, 0.05
 
 
@@ -58,10 +60,7 @@ def test_exact_law_matches_monte_carlo(name):
     if "generator" in inspect.signature(samplers.SAMPLERS[name]).parameters:
         options["generator"] = gen
     out = samplers.SAMPLERS[name](g.denoiser(vp), x, ts, vp, **options)
-    var = cov.diagonal()
-    z_mean = (out.mean(0) - mean) / (var / n).sqrt()
-    z_cov = (out.T.cov() - cov) / ((var[:, None] * var[None, :] + cov**2) / n).sqrt()
-    assert float(z_mean.abs().max()) < 5 and float(z_cov.abs().max()) < 5, (z_mean, z_cov)
+    assert_gaussian_moments(out, mean, cov)
     # The exact W2 to the law it aims at, p_{t_min}, against the W2 of the Monte-Carlo Gaussian
     # fit: they differ by at most W2(exact law, fit) (triangle inequality), whose square has
     # mean tr C / n (means) + tr C / (2n) (square roots of the covariances): 5 of its sd.
@@ -80,10 +79,7 @@ def test_exact_law_from_the_prior_start():
     n, gen = 20_000, torch.Generator().manual_seed(3)
     x = vp.prior_sample((n, 2), t=T_MAX, generator=gen)
     out = samplers.ddpm(g.denoiser(vp), x, ts, vp, generator=gen)
-    var = cov.diagonal()
-    assert float(((out.mean(0) - mean) / (var / n).sqrt()).abs().max()) < 5
-    z_cov = (out.T.cov() - cov) / ((var[:, None] * var[None, :] + cov**2) / n).sqrt()
-    assert float(z_cov.abs().max()) < 5
+    assert_gaussian_moments(out, mean, cov)
 
 
 def test_one_ddpm_step_misses_exactly_the_posterior_variance(process):

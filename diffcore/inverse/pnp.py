@@ -28,7 +28,7 @@ from torch import Tensor
 
 from diffcore import samplers as _samplers
 from diffcore._checks import positive
-from diffcore.analytic import GaussianMixture
+from diffcore.analytic import Gaussian, GaussianMixture
 from diffcore.inverse.operators import LinearOperator, _check_sigma_y, inner
 from diffcore.processes import Process
 
@@ -47,6 +47,7 @@ __all__ = [
     "red",
     "likelihood_step",
     "diffusion_prior_step",
+    "gaussian_prior_step",
     "pnp_dm",
     "tv",
     "tv_prox",
@@ -505,6 +506,30 @@ def diffusion_prior_step(
         return _samplers.ddpm(
             denoiser, start, ts, process, generator=generator, noise_sampler=noise_sampler
         )
+
+    return step
+
+
+def gaussian_prior_step(gaussian, generator: torch.Generator | None = None) -> Callable:
+    r"""The exact prior step of a Gaussian prior :math:`\mathcal N(\mu, \Sigma)` (``analytic.
+    Gaussian``): ``step(z, rho)`` samples :math:`p(x \mid z)` for :math:`z = x + \rho n`,
+    :math:`\mathcal N(\mu + G(z - \mu), \Sigma - G\Sigma)` with :math:`G = \Sigma(\Sigma +
+    \rho^2 I)^{-1}`.  The reference against which :func:`diffusion_prior_step` is an
+    approximation, and a prior step that makes :func:`pnp_dm` exact on Gaussian problems.
+    Shapes: ``z`` ``(B, ...)`` with ``gaussian.dim`` entries per sample; returns the same.
+    """
+    if not isinstance(gaussian, Gaussian):
+        raise ValueError(f"gaussian must be an analytic.Gaussian, got {type(gaussian).__name__}")
+    mean, cov = gaussian.mean, gaussian.cov
+
+    def step(z: Tensor, rho) -> Tensor:
+        rho = _positive(rho, "rho")
+        flat = z.reshape(z.shape[0], -1)
+        gain = cov @ torch.linalg.inv(cov + rho**2 * torch.eye(cov.shape[0], dtype=cov.dtype))
+        post_cov = cov - gain @ cov
+        m = mean + (flat - mean) @ gain.T
+        noise = torch.randn(flat.shape, generator=generator, dtype=z.dtype)
+        return (m + noise @ torch.linalg.cholesky(post_cov).T).reshape(z.shape)
 
     return step
 
