@@ -35,6 +35,7 @@ step at a time is its first-order start, so prefer single-step solvers (``heun``
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable
@@ -48,6 +49,7 @@ from diffcore.analytic import Gaussian
 from diffcore.nets import sinusoidal_embedding
 from diffcore.processes import Linear, Process
 from diffcore.samplers import SAMPLERS, _noise_source, check_time_grid
+from diffcore.train import EMA
 
 __all__ = [
     "ODE_SOLVERS",
@@ -380,10 +382,6 @@ def with_ema_target(loss: Callable, student: nn.Module, decay: float = 0.9) -> C
     :math:`\sum_k \beta^{n-k}\theta_k / \sum_k \beta^{n-k}`; ``decay = 0`` makes it the
     student itself, without gradient.  The target is ``with_ema_target(...).target``.
     """
-    import copy
-
-    from diffcore.train import EMA
-
     if not isinstance(student, nn.Module):
         raise ValueError(f"student must be an nn.Module, got {type(student).__name__}")
     average = EMA(student, decay)
