@@ -8,7 +8,8 @@ data sets that ship with the packages (:mod:`diffcore.data`), likelihoods throug
 (:mod:`diffcore.likelihood`) and distances between laws and samples (:mod:`diffcore.metrics`);
 classifier and classifier-free guidance (:mod:`diffcore.guidance`) and flow maps: consistency
 models, CTM and MeanFlow (:mod:`diffcore.flowmap`); and inverse problems with diffusion
-priors, PnP and exact posteriors (:mod:`diffcore.inverse`).
+priors, PnP and exact posteriors (:mod:`diffcore.inverse`).  The pictures the chapters share,
+exact densities on a grid and images tiled into one array, are in :mod:`diffcore.plot`.
 """
 
 from diffcore import (
@@ -20,6 +21,7 @@ from diffcore import (
     likelihood,
     metrics,
     nets,
+    plot,
     processes,
     samplers,
     targets,
@@ -35,6 +37,7 @@ __all__ = [
     "likelihood",
     "metrics",
     "nets",
+    "plot",
     "processes",
     "samplers",
     "targets",

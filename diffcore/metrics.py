@@ -22,7 +22,15 @@ from diffcore import samplers as _samplers
 from diffcore.analytic import Gaussian
 from diffcore.processes import Process
 
-__all__ = ["sampler_output_law", "gaussian_w2", "sliced_wasserstein", "mmd", "straightness"]
+__all__ = [
+    "sampler_output_law",
+    "gaussian_w2",
+    "sliced_wasserstein",
+    "mmd",
+    "straightness",
+    "psnr",
+    "ssim",
+]
 
 STARTS = ("marginal", "prior")
 
@@ -247,3 +255,52 @@ def straightness(path: Tensor, ts: Tensor) -> Tensor:
     velocity = path.diff(dim=0) / steps[:, None, None]
     weights = steps / steps.sum()  # the share of the time span: positive in either direction
     return ((velocity - chord) ** 2).sum(-1).mul(weights[:, None]).sum(0)
+
+
+def _check_images(x: Tensor, ref: Tensor, data_range) -> None:
+    for name, v in (("x", x), ("ref", ref)):
+        if not isinstance(v, Tensor) or v.ndim < 3:
+            shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(f"{name} must be a (batch, ...) tensor of images, got {shape}")
+    if x.shape != ref.shape:
+        raise ValueError(
+            f"x and ref must have the same shape, got {tuple(x.shape)} and {tuple(ref.shape)}"
+        )
+    if not (isinstance(data_range, (int, float)) and data_range > 0):
+        raise ValueError(f"data_range must be a positive number, got data_range = {data_range!r}")
+
+
+def psnr(x: Tensor, ref: Tensor, data_range: float = 2.0) -> Tensor:
+    r"""Peak signal-to-noise ratio of each image, in dB:
+    :math:`10 \log_{10}(R^2 / \mathrm{MSE})`, with :math:`R` the ``data_range`` (2 for pixels
+    in ``[-1, 1]``, the convention of :mod:`diffcore.data`; 1 for ``[0, 1]``).
+
+    Computed in float64, as :func:`skimage.metrics.peak_signal_noise_ratio`; ``inf`` for an
+    exact copy.  Shapes: ``x``, ``ref`` ``(batch, ...)`` (at least 3 dimensions, e.g.
+    ``(batch, channels, height, width)``); returns ``(batch,)`` in float64.
+    """
+    _check_images(x, ref, data_range)
+    mse = (x.double() - ref.double()).flatten(1).pow(2).mean(1)
+    return 10 * torch.log10(data_range**2 / mse)
+
+
+def ssim(x: Tensor, ref: Tensor, data_range: float = 2.0) -> Tensor:
+    r"""Structural similarity of each image (Wang et al., 2004), by
+    :func:`skimage.metrics.structural_similarity` with its defaults (7 x 7 uniform window)
+    and the given ``data_range``; channels, if more than one, are averaged.
+
+    Shapes: ``x``, ``ref`` ``(batch, channels, height, width)``; returns ``(batch,)`` in
+    float64, 1 for an exact copy.
+    """
+    from skimage.metrics import structural_similarity
+
+    _check_images(x, ref, data_range)
+    if x.ndim != 4:
+        raise ValueError(f"ssim needs (batch, channels, height, width), got {tuple(x.shape)}")
+    a = x.detach().double().cpu().numpy()
+    b = ref.detach().double().cpu().numpy()
+    values = [
+        structural_similarity(r, e, data_range=data_range, channel_axis=0)
+        for r, e in zip(b, a, strict=True)
+    ]
+    return torch.tensor(values, dtype=torch.float64)

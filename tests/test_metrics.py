@@ -165,3 +165,52 @@ def test_sample_metrics_refuse_mixed_dtypes(metric):
     x, y = torch.zeros(4, 2, dtype=torch.float32), torch.zeros(4, 2, dtype=torch.float64)
     with pytest.raises(ValueError, match="torch.float32 on cpu and torch.float64 on cpu"):
         metric(x, y)
+
+
+# -- image quality: PSNR and SSIM ----------------------------------------------------------------
+def test_psnr_is_the_decibel_ratio_of_peak_to_mean_squared_error(gen):
+    from skimage.metrics import peak_signal_noise_ratio
+
+    ref = torch.rand(4, 1, 12, 10, generator=gen, dtype=torch.float64) * 2 - 1
+    x = ref + 0.1 * torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    values = metrics.psnr(x, ref)
+    assert values.shape == (4,) and values.dtype == torch.float64
+    for v, a, b in zip(values, x, ref, strict=True):
+        assert math.isclose(float(v), peak_signal_noise_ratio(b.numpy(), a.numpy(), data_range=2.0))
+    # a constant error c everywhere: 10 log10(R^2 / c^2), exactly
+    assert torch.allclose(
+        metrics.psnr(ref + 0.01, ref, 1.0), torch.full((4,), 40.0, dtype=torch.float64)
+    )
+    assert bool(torch.isinf(metrics.psnr(ref, ref)).all())
+
+
+def test_ssim_is_skimages_per_image_and_one_for_a_copy(gen):
+    from skimage.metrics import structural_similarity
+
+    ref = torch.rand(3, 2, 16, 16, generator=gen, dtype=torch.float64)
+    x = (ref + 0.1 * torch.randn(ref.shape, generator=gen, dtype=torch.float64)).float()
+    values = metrics.ssim(x, ref.float(), data_range=1.0)
+    assert values.shape == (3,) and values.dtype == torch.float64
+    for v, a, b in zip(values, x, ref, strict=True):
+        # two channels: the mean of the per-channel SSIMs
+        each = [
+            structural_similarity(b[c].numpy(), a[c].double().numpy(), data_range=1.0)
+            for c in range(2)
+        ]
+        assert math.isclose(float(v), sum(each) / 2, rel_tol=1e-6)
+    assert torch.allclose(metrics.ssim(ref, ref), torch.ones(3, dtype=torch.float64))
+    assert bool((values < 1).all())
+
+
+@pytest.mark.parametrize(
+    ("x", "ref", "options", "message"),
+    [
+        (torch.zeros(2, 4, 4), torch.zeros(2, 4, 5), {}, "same shape"),
+        (torch.zeros(4, 4), torch.zeros(4, 4), {}, r"\(batch, ...\)"),
+        (torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4), {"data_range": 0}, "data_range = 0"),
+    ],
+)
+def test_image_metrics_refuse_bad_input(x, ref, options, message):
+    for metric in (metrics.psnr, metrics.ssim):
+        with pytest.raises(ValueError, match=message):
+            metric(x, ref, **options)
