@@ -8,6 +8,8 @@ r"""Distances between laws: exact ones between Gaussians, and sample-based ones.
 - :func:`gaussian_w2`: the closed-form Wasserstein-2 distance between two Gaussians.
 - :func:`sliced_wasserstein` and :func:`mmd`: two-sample distances for laws known only
   through samples (Gaussian mixtures, learned models).
+- :func:`convergence_order`: the order :math:`p` of an error that falls as :math:`C n^{-p}`.
+- :func:`psnr` and :func:`ssim`: the image-quality scores of the inverse-problem chapters.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ __all__ = [
     "sliced_wasserstein",
     "mmd",
     "straightness",
+    "convergence_order",
     "psnr",
     "ssim",
 ]
@@ -203,8 +206,9 @@ def mmd(x: Tensor, y: Tensor, bandwidths=(0.1, 0.2, 0.5, 1.0, 2.0, 5.0)) -> Tens
     scale).  With :math:`x_i \sim p` (``m``) and :math:`y_j \sim q` (``n``),
 
     .. math::
-        \widehat{\mathrm{MMD}}^2 = \frac{1}{m(m-1)}\sum_{i \ne i'} k(x_i, x_{i'})
-            + \frac{1}{n(n-1)}\sum_{j \ne j'} k(y_j, y_{j'}) - \frac{2}{mn}\sum_{i,j} k(x_i, y_j),
+        \widehat{\mathrm{MMD}}^2 = {} & \frac{1}{m(m-1)}\sum_{i \ne i'} k(x_i, x_{i'})
+            + \frac{1}{n(n-1)}\sum_{j \ne j'} k(y_j, y_{j'}) \\
+            & - \frac{2}{mn}\sum_{i,j} k(x_i, y_j),
 
     unbiased, so it scatters around 0 (and can be negative) when :math:`p = q`.  Shapes:
     ``x`` ``(m, d)``, ``y`` ``(n, d)``, ``m, n >= 2``; returns a 0-d tensor.
@@ -255,6 +259,32 @@ def straightness(path: Tensor, ts: Tensor) -> Tensor:
     velocity = path.diff(dim=0) / steps[:, None, None]
     weights = steps / steps.sum()  # the share of the time span: positive in either direction
     return ((velocity - chord) ** 2).sum(-1).mul(weights[:, None]).sum(0)
+
+
+def convergence_order(steps, errors) -> float:
+    r"""The order :math:`p` of an error that falls as :math:`e_n \approx C n^{-p}`: minus the
+    least-squares slope of :math:`\log e_n` against :math:`\log n`.
+
+    Exact (to round-off) for an exact power law; with two points it is
+    :math:`\log(e_{n_1}/e_{n_2}) / \log(n_2/n_1)`.  Shapes: ``steps`` and ``errors`` are
+    sequences (or 1-D tensors) of the same length, at least 2, of positive numbers; returns a
+    float.
+    """
+    n = torch.as_tensor(steps, dtype=torch.float64).reshape(-1)
+    e = torch.as_tensor(errors, dtype=torch.float64).reshape(-1)
+    if n.numel() != e.numel() or n.numel() < 2:
+        raise ValueError(
+            f"need as many errors as step counts, at least 2, got {n.numel()} and {e.numel()}"
+        )
+    if not (bool((n > 0).all()) and bool((e > 0).all()) and bool(torch.isfinite(e).all())):
+        raise ValueError(
+            f"steps and errors must be positive and finite, got steps = {n.tolist()}, "
+            f"errors = {e.tolist()}"
+        )
+    if bool((n == n[0]).all()):
+        raise ValueError(f"steps must not all be equal, got steps = {n.tolist()}")
+    log_n, log_e = n.log() - n.log().mean(), e.log() - e.log().mean()
+    return -float((log_n * log_e).sum() / log_n.pow(2).sum())
 
 
 def _check_images(x: Tensor, ref: Tensor, data_range) -> None:

@@ -10,7 +10,7 @@ import inspect
 import pytest
 import torch
 
-from diffcore import analytic, processes, samplers
+from diffcore import analytic, metrics, processes, samplers
 
 T_MIN = 1e-2
 
@@ -105,9 +105,7 @@ def test_on_gaussian_data_the_skip_converges_with_no_floor(smooth_process, name,
         model, t_skip = g.denoiser(smooth_process), float(ts[n // 2])
         out = samplers.gaussian_skip(name, model, g, x, ts, smooth_process, t_skip)
         errors.append(float((out - exact).abs().max()))
-    log_n = torch.log(torch.tensor(ns, dtype=torch.float64))
-    log_e = torch.log(torch.tensor(errors))
-    slope = -float(torch.linalg.lstsq(torch.stack([log_n, torch.ones(3)], 1), log_e[:, None])[0][0])
+    slope = metrics.convergence_order(ns, errors)
     assert abs(slope - order) <= 0.15, (name, slope, errors)
 
 

@@ -214,3 +214,37 @@ def test_image_metrics_refuse_bad_input(x, ref, options, message):
     for metric in (metrics.psnr, metrics.ssim):
         with pytest.raises(ValueError, match=message):
             metric(x, ref, **options)
+
+
+def test_convergence_order_of_power_laws():
+    ns = [10, 20, 40, 80]
+    for p in (0.5, 1.0, 2.0, 3.0):
+        assert math.isclose(metrics.convergence_order(ns, [3.0 * n**-p for n in ns]), p)
+    # two points: the log ratio; an error that grows has a negative order
+    assert math.isclose(
+        metrics.convergence_order([8, 32], [1e-2, 1e-3]), math.log(10) / math.log(4)
+    )
+    assert metrics.convergence_order([8, 16], [1.0, 2.0]) == pytest.approx(-1.0)
+    # a least-squares fit: a wiggle of factor e^{+-d} on alternate points shifts the order by
+    # the fitted slope of the wiggle, exactly computable here
+    wiggle = [1.1, 1 / 1.1, 1.1, 1 / 1.1]
+    e = [w * n**-2.0 for w, n in zip(wiggle, ns, strict=True)]
+    x = torch.log(torch.tensor(ns, dtype=torch.float64))
+    w = torch.log(torch.tensor(wiggle, dtype=torch.float64))
+    shift = float(((x - x.mean()) * w).sum() / (x - x.mean()).pow(2).sum())
+    assert math.isclose(metrics.convergence_order(ns, e), 2.0 - shift)
+
+
+@pytest.mark.parametrize(
+    ("steps", "errors", "message"),
+    [
+        ([10], [0.1], "at least 2"),
+        ([10, 20], [0.1], "at least 2"),
+        ([10, 20], [0.1, 0.0], "positive and finite"),
+        ([10, 20], [0.1, float("nan")], "positive and finite"),
+        ([10, 10], [0.1, 0.2], "not all be equal"),
+    ],
+)
+def test_convergence_order_refuses_bad_input(steps, errors, message):
+    with pytest.raises(ValueError, match=message):
+        metrics.convergence_order(steps, errors)

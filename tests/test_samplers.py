@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from diffcore import analytic, processes, samplers
+from diffcore import analytic, metrics, processes, samplers
 
 ALWAYS_STOCHASTIC = ("ddpm", "euler_maruyama", "pc", "annealed_langevin")
 # ddim (eta > 0) and heun (s_churn > 0) are stochastic through an option
@@ -29,16 +29,6 @@ def _with_noise(name, seed=0, **options):
     if "generator" in inspect.signature(samplers.SAMPLERS[name]).parameters:
         options["generator"] = torch.Generator().manual_seed(seed)
     return options
-
-
-def _slope(ns, errors):
-    """Least-squares slope of -log(error) against log(steps)."""
-    log_n = torch.log(torch.tensor(ns, dtype=torch.float64))
-    log_e = torch.log(torch.tensor(errors, dtype=torch.float64))
-    return float(
-        -((log_n - log_n.mean()) * (log_e - log_e.mean())).sum()
-        / ((log_n - log_n.mean()) ** 2).sum()
-    )
 
 
 @pytest.mark.parametrize("kind", samplers.GRIDS)
@@ -68,7 +58,7 @@ def test_karras_grid_on_ve_is_edm():
 
 
 def _order(sampler, process, ns=(32, 64, 128, 256)):
-    """Least-squares slope of log(error) against log(steps), error at t_min against the exact map."""
+    """The fitted order of the max error at t_min against the exact map, and the errors."""
     g = _gaussian()
     x = g.marginal(1.0, process).sample(64, generator=torch.Generator().manual_seed(0))
     errors = []
@@ -76,13 +66,7 @@ def _order(sampler, process, ns=(32, 64, 128, 256)):
         ts = samplers.time_grid(process, n, kind="uniform", t_min=1e-2, t_max=1.0)
         out = sampler(g.denoiser(process), x, ts, process)
         errors.append(float((out - g.pf_ode_map(x, 1.0, 1e-2, process)).abs().max()))
-    log_n = torch.log(torch.tensor(ns, dtype=torch.float64))
-    log_e = torch.log(torch.tensor(errors))
-    slope = (
-        -((log_n - log_n.mean()) * (log_e - log_e.mean())).sum()
-        / ((log_n - log_n.mean()) ** 2).sum()
-    )
-    return float(slope), errors
+    return metrics.convergence_order(ns, errors), errors
 
 
 @pytest.mark.parametrize("name,order", [("euler", 1), ("heun", 2)])
@@ -156,7 +140,7 @@ def _log_snr_errors(name, process, ns, **options):
 )
 def test_ode_solver_orders_on_the_gaussian_oracle(smooth_process, name, options, order, ns):
     errors = _log_snr_errors(name, smooth_process, ns, **options)
-    slope = _slope(ns, errors)
+    slope = metrics.convergence_order(ns, errors)
     assert abs(slope - order) <= 0.15, f"{name}: slope {slope:.3f}, errors {errors}"
 
 
@@ -170,7 +154,7 @@ def test_dpmpp_3m_is_third_order_until_its_start_shows():
     about 1/h at the same NFE: at 128 steps, h = 6/128 ~ 0.05, so by 20x at least."""
     ns = (64, 128, 256, 512)
     errors = _log_snr_errors("dpmpp_3m", processes.VP(), ns)
-    assert abs(_slope(ns, errors) - 3) <= 0.15, errors
+    assert abs(metrics.convergence_order(ns, errors) - 3) <= 0.15, errors
     for process in (processes.VE(), processes.VPCosine(), processes.Linear()):
         (err_3m,) = _log_snr_errors("dpmpp_3m", process, (128,))
         (err_2m,) = _log_snr_errors("dpmpp_2m", process, (128,))
@@ -190,7 +174,7 @@ def test_plms_is_higher_order_on_a_grid_uniform_in_the_noise_level():
             errors.append(
                 float((samplers.plms(g.denoiser(process), x, ts, process) - exact).abs().max())
             )
-        assert _slope(ns, errors) >= 3 - 0.15, (process, errors)
+        assert metrics.convergence_order(ns, errors) >= 3 - 0.15, (process, errors)
 
 
 # -- identities -------------------------------------------------------------------------------
