@@ -260,9 +260,9 @@ class ConsistencyModel(nn.Module):
     :math:`\kappa = \bar\sigma_{t_{\min}}`:
 
     .. math::
-        c_{\rm skip} = \frac{\alpha_{t_{\min}}\sigma_d^2\alpha_t}{(\sigma_t - \kappa\alpha_t)^2
-        + \sigma_d^2\alpha_t^2},\quad
-        c_{\rm out} = \frac{\alpha_{t_{\min}}\sigma_d(\sigma_t - \kappa\alpha_t)}
+        c_{\rm skip} &= \frac{\alpha_{t_{\min}}\sigma_d^2\alpha_t}{(\sigma_t - \kappa\alpha_t)^2
+        + \sigma_d^2\alpha_t^2}, \\
+        c_{\rm out} &= \frac{\alpha_{t_{\min}}\sigma_d(\sigma_t - \kappa\alpha_t)}
         {\sqrt{\sigma_t^2 + \sigma_d^2\alpha_t^2}},\quad
         c_{\rm in} = \frac{1}{\sqrt{\sigma_t^2 + \sigma_d^2\alpha_t^2}},
 
@@ -296,9 +296,9 @@ class TrajectoryModel(nn.Module):
     r"""CTM's two-time map :math:`G(x, t, s) \approx \Phi(x, t, s)`: a DDIM step with a learned, two-time denoiser.
 
     .. math::
-        G(x, t, s) = \frac{\sigma_s}{\sigma_t}\,x
-                     + \Big(\alpha_s - \alpha_t\frac{\sigma_s}{\sigma_t}\Big)\,g(x, t, s),
-        \qquad g = c_{\rm skip}(t)\,x + c_{\rm out}(t)\,F(c_{\rm in}(t)\,x, t, s),
+        G(x, t, s) &= \frac{\sigma_s}{\sigma_t}\,x
+                     + \Big(\alpha_s - \alpha_t\frac{\sigma_s}{\sigma_t}\Big)\,g(x, t, s), \\
+        g &= c_{\rm skip}(t)\,x + c_{\rm out}(t)\,F(c_{\rm in}(t)\,x, t, s),
 
     with EDM's denoiser coefficients (:class:`ConsistencyModel` with :math:`\kappa = 0`).  For
     ``VE`` (:math:`\alpha = 1`) this is Kim et al.'s (2024) :math:`G = \frac st x + (1 - \frac

@@ -4,9 +4,9 @@ Along a solution of the PF-ODE :math:`\dot x_t = u(x_t, t)` the log-density obey
 instantaneous change of variables (Chen et al., 2018)
 
 .. math::
-    \frac{d}{dt}\log p_t(x_t) = -\nabla\cdot u(x_t, t),
-    \qquad\text{so}\qquad
-    \log p_{t_{\min}}(x) = \log p_{t_{\max}}(x_{t_{\max}})
+    \frac{d}{dt}\log p_t(x_t) &= -\nabla\cdot u(x_t, t),
+    \qquad\text{so} \\
+    \log p_{t_{\min}}(x) &= \log p_{t_{\max}}(x_{t_{\max}})
         + \int_{t_{\min}}^{t_{\max}} \nabla\cdot u(x_t, t)\,dt .
 
 :func:`log_likelihood` integrates the augmented state :math:`[x_t, \int \nabla\cdot u]`

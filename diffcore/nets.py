@@ -10,7 +10,7 @@ continuous in ``t``), followed by a small MLP.  We embed ``t`` rather than the l
 :math:`\lambda_t` is infinite at the ends of VP and Linear; the network learns the schedule.
 
 With ``n_classes=K`` a network is class-conditional: labels ``0..K-1`` are embedded, and the
-extra index ``K`` (:attr:`null_label`), used when ``label`` is None, stands for "no class",
+extra index ``K`` (the ``null_label`` property), used when ``label`` is None, stands for "no class",
 which classifier-free guidance needs.  Parameters live where the caller puts them
 (``net.to(device)``); the inputs carry the device.
 """

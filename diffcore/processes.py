@@ -8,8 +8,8 @@ linear SDE :math:`dx = f(t)\,x\,dt + g(t)\,dw` whose marginals they are:
     f(t) = \frac{\dot\alpha_t}{\alpha_t}, \qquad
     g^2(t) = \frac{d\sigma_t^2}{dt} - 2 f(t)\,\sigma_t^2 = -2\,\sigma_t^2\,\dot\lambda_t .
 
-A subclass writes :meth:`alpha`, :meth:`sigma`, :meth:`d_alpha`, :meth:`d_sigma` and
-:meth:`t_of_lam`; everything else follows from them.  All methods act elementwise on ``t``
+A subclass writes :meth:`~Process.alpha`, :meth:`~Process.sigma`, :meth:`~Process.d_alpha`,
+:meth:`~Process.d_sigma` and :meth:`~Process.t_of_lam`; everything else follows from them.  All methods act elementwise on ``t``
 (a float or a tensor of any shape) and return a tensor of the shape of ``t``.
 """
 

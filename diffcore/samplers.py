@@ -399,10 +399,10 @@ def ddpm(
     :math:`h = \lambda_s - \lambda_t`, and the Gaussian posterior
 
     .. math::
-        x_s = \frac{\alpha_{t|s}\sigma_s^2}{\sigma_t^2} x_t
+        x_s &= \frac{\alpha_{t|s}\sigma_s^2}{\sigma_t^2} x_t
             + \frac{\alpha_s\sigma_{t|s}^2}{\sigma_t^2} D
-            + \frac{\sigma_{t|s}\sigma_s}{\sigma_t} z
-          = \frac{\sigma_s}{\sigma_t}e^{-h} x_t + \alpha_s(1 - e^{-2h}) D
+            + \frac{\sigma_{t|s}\sigma_s}{\sigma_t} z \\
+            &= \frac{\sigma_s}{\sigma_t}e^{-h} x_t + \alpha_s(1 - e^{-2h}) D
             + \sigma_s\sqrt{1 - e^{-2h}}\, z,
 
     the second form free of cancellation (and exact at :math:`h = \infty`).  Any process; one
@@ -667,8 +667,8 @@ def dpm_solver_2(
     ``process.t_of_lam``):
 
     .. math::
-        u = \frac{\sigma_u}{\sigma_i}x_i + \alpha_u(1 - e^{-r_1 h})D_i, \quad
-        x_{i+1} = \frac{\sigma_{i+1}}{\sigma_i}x_i + \alpha_{i+1}(1 - e^{-h})
+        u &= \frac{\sigma_u}{\sigma_i}x_i + \alpha_u(1 - e^{-r_1 h})D_i, \\
+        x_{i+1} &= \frac{\sigma_{i+1}}{\sigma_i}x_i + \alpha_{i+1}(1 - e^{-h})
                   \Big[D_i + \frac{1}{2r_1}(D(u) - D_i)\Big],
 
     which for :math:`r_1 = 1/2` is the exponential midpoint rule.  Order 2; two model calls per
@@ -841,9 +841,9 @@ def dpmpp_3m(
     and the Taylor terms of :math:`\sigma_s\int e^{\lambda}D\,d\lambda` integrate exactly:
 
     .. math::
-        x_{i+1} = \frac{\sigma_{i+1}}{\sigma_i}x_i + \alpha_{i+1}\big[(1 - e^{-h})D_i
-                  + \varphi_2 d_1 - 2\varphi_3 d_2\big],\quad
-        \varphi_2 = \frac{e^{-h} - 1}{h} + 1,\ \varphi_3 = \frac{\varphi_2}{h} - \frac12,
+        x_{i+1} &= \frac{\sigma_{i+1}}{\sigma_i}x_i + \alpha_{i+1}\big[(1 - e^{-h})D_i
+                  + \varphi_2 d_1 - 2\varphi_3 d_2\big], \\
+        \varphi_2 &= \frac{e^{-h} - 1}{h} + 1,\quad \varphi_3 = \frac{\varphi_2}{h} - \frac12,
 
     since :math:`\int_0^h e^{u-h}u\,du = h\varphi_2` and
     :math:`\int_0^h e^{u-h}\tfrac{u^2}{2}du = -h^2\varphi_3`.  Departure: the reference codes

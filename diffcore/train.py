@@ -11,13 +11,13 @@ the squared norm summed over the data dimensions, the expectation estimated by t
 mean.  Its minimiser is :math:`F^*(x, t) = \mathbb E[y \mid x_t = x]`, whatever :math:`w > 0`:
 the weighting changes the emphasis across noise levels, not the optimum.  The targets:
 
-==============  =======================================================  =========================
-``"eps"``       :math:`\varepsilon`                                      DDPM (Ho et al., 2020)
-``"x0"``        :math:`x_0`                                              the denoiser itself
-``"score"``     :math:`-\varepsilon/\sigma_t`                            DSM (Song & Ermon, 2019)
-``"v"``         :math:`\alpha_t\varepsilon - \sigma_t x_0`               Salimans & Ho (2022)
-``"velocity"``  :math:`\dot\alpha_t x_0 + \dot\sigma_t\varepsilon`      flow matching (Lipman et al., 2023)
-==============  =======================================================  =========================
+==============  ==================================================  ===================================
+``"eps"``       :math:`\varepsilon`                                 DDPM (Ho et al., 2020)
+``"x0"``        :math:`x_0`                                         the denoiser itself
+``"score"``     :math:`-\varepsilon/\sigma_t`                       DSM (Song & Ermon, 2019)
+``"v"``         :math:`\alpha_t\varepsilon - \sigma_t x_0`          Salimans & Ho (2022)
+``"velocity"``  :math:`\dot\alpha_t x_0 + \dot\sigma_t\varepsilon`  flow matching (Lipman et al., 2023)
+==============  ==================================================  ===================================
 
 A loss takes ``(model, x0, process, ...)`` with ``x0`` ``(batch, ...)``, calls
 ``model(x_t, t)`` (or ``model(x_t, t, label)``) with ``t`` of shape ``(batch,)``, and returns
@@ -313,10 +313,10 @@ def dsm_loss(
     r"""Denoising score matching (Vincent, 2011; Song & Ermon, 2019), with a weight :math:`\lambda(\sigma)`.
 
     .. math::
-        L = \mathbb E_t\,\tfrac12\,\lambda(\sigma_t)\,
-            \mathbb E\lVert s_\theta(x_t, t) - \nabla\log p(x_t \mid x_0)\rVert^2,
-        \qquad \nabla\log p(x_t \mid x_0) = -\frac{x_t - \alpha_t x_0}{\sigma_t^2}
-                                          = -\frac{\varepsilon}{\sigma_t}.
+        L &= \mathbb E_t\,\tfrac12\,\lambda(\sigma_t)\,
+            \mathbb E\lVert s_\theta(x_t, t) - \nabla\log p(x_t \mid x_0)\rVert^2, \\
+        \nabla\log p(x_t \mid x_0) &= -\frac{x_t - \alpha_t x_0}{\sigma_t^2}
+                                    = -\frac{\varepsilon}{\sigma_t}.
 
     The default :math:`\lambda(\sigma) = \sigma^2` makes every noise level contribute about
     equally: the loss becomes :math:`\tfrac12\lVert\sigma_t s_\theta + \varepsilon\rVert^2`.

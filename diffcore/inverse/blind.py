@@ -7,8 +7,8 @@ kernel (resp. image), so that a batch of chains runs at once.  :func:`blind_pnp_
 PnP-DM's likelihood and prior steps (:mod:`diffcore.inverse.pnp`) on the image and on the kernel,
 with one denoising prior for each.
 
-Convolution is circular, with odd kernel sizes centred as in :class:`~diffcore.inverse.
-operators.Blur`.  Shapes: images ``(B, C, H, W)``, kernels ``(B, kh, kw)``.
+Convolution is circular, with odd kernel sizes centred as in
+:class:`~diffcore.inverse.operators.Blur`.  Shapes: images ``(B, C, H, W)``, kernels ``(B, kh, kw)``.
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ def conjugate_gradient(
 
 class LinearOperator:
     """A linear map from ``(B, *in_shape)`` to ``(B, *out_shape)``; subclasses write
-    :meth:`_forward` and :meth:`_adjoint`, and override :meth:`pinv`, :meth:`normal_solve` and
+    ``_forward`` and ``_adjoint``, and override :meth:`pinv`, :meth:`normal_solve` and
     :meth:`svd` where a closed form exists."""
 
     in_shape: tuple[int, ...]

@@ -326,8 +326,8 @@ def pnp_admm(
     r"""PnP-ADMM (scaled form) with penalty :math:`1/\gamma`:
 
     .. math::
-        x_{k+1} = \operatorname{prox}_{\gamma f}(z_k - u_k), \quad
-        z_{k+1} = D_\sigma(x_{k+1} + u_k), \quad u_{k+1} = u_k + x_{k+1} - z_{k+1},
+        x_{k+1} &= \operatorname{prox}_{\gamma f}(z_k - u_k), \\
+        z_{k+1} &= D_\sigma(x_{k+1} + u_k), \quad u_{k+1} = u_k + x_{k+1} - z_{k+1},
 
     the data step in closed form (``operator.normal_solve``).  If :math:`D_\sigma =
     \operatorname{prox}_{\sigma^2 g}` (exact for the MMSE denoiser of a Gaussian prior, with
