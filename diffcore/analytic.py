@@ -398,3 +398,18 @@ class Gaussian(GaussianMixture):
         z_t = torch.sqrt((a_t**2 * evals + s_t**2) / var_s) * z_s
         out = a_t * means + torch.einsum("kij,bkj->bki", evecs, z_t)
         return out[:, 0].reshape(x.shape)
+
+    def pf_ode_solver(self) -> Callable:
+        """The exact PF-ODE solve, as a sampler: ``solver(model, x, ts, process)`` returns
+        :meth:`pf_ode_map` from ``ts[0]`` to ``ts[-1]`` and never calls ``model``.
+
+        What a perfect solver would return: the exact teacher of the flow-map losses
+        (``teacher=`` in :mod:`diffcore.flowmap`), or the exact tail of
+        :func:`~diffcore.samplers.gaussian_skip`.  Shapes: ``x`` ``(batch, ...)``, ``ts`` a
+        decreasing 1-D grid; returns the shape of ``x``.
+        """
+
+        def solver(model: Callable, x: Tensor, ts: Tensor, process: Process) -> Tensor:
+            return self.pf_ode_map(x, ts[0], ts[-1], process)
+
+        return solver

@@ -22,15 +22,6 @@ def _gaussian():
     return analytic.Gaussian(torch.tensor([1.0, -0.5]), cov)
 
 
-def _exact_step(gaussian):
-    """A teacher 'sampler' that solves the PF-ODE exactly over its grid."""
-
-    def step(model, x, ts, process):
-        return gaussian.pf_ode_map(x, ts[0], ts[-1], process)
-
-    return step
-
-
 @pytest.fixture(params=["vp", "ve", "linear"])
 def proc(request):
     return {"vp": processes.VP(), "ve": processes.VE(), "linear": processes.Linear()}[request.param]
@@ -248,7 +239,7 @@ def test_each_objective_vanishes_at_the_exact_map(proc):
             )
         )
 
-    exact = _exact_step(g)
+    exact = g.pf_ode_solver()
     assert cd(f, exact) < 1e-25 and ctm(G, exact) < 1e-25
     assert cd(f_off, exact) > 1e-5 and ctm(G_off, exact) > 1e-4
     assert 1e-25 < cd(f, "heun") < cd(f, "euler")  # local errors O(h^3) and O(h^2)
@@ -431,7 +422,7 @@ def test_consistency_distillation_with_an_exact_teacher_learns_the_flow_map():
             x0,
             linear,
             ts,
-            teacher=_exact_step(g),
+            teacher=g.pf_ode_solver(),
             generator=generator,
         )
 
