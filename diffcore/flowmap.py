@@ -69,7 +69,7 @@ __all__ = [
     "meanflow_sample",
 ]
 
-# The deterministic samplers: the PF-ODE solvers a teacher or an exact flow map may use.
+#: The deterministic samplers: the PF-ODE solvers a teacher or an exact flow map may use.
 ODE_SOLVERS = (
     "euler",
     "heun",

@@ -340,4 +340,5 @@ class Discrete(Process):
         return f"Discrete(n_steps={self.n_steps})"
 
 
+#: The four continuous processes by name.
 PROCESSES = {"vp": VP, "vp_cosine": VPCosine, "ve": VE, "linear": Linear}

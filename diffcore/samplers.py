@@ -61,10 +61,12 @@ __all__ = [
     "dpmpp_3m",
     "unipc",
     "plms",
+    "gaussian_skip",
     "SAMPLERS",
     "GRIDS",
 ]
 
+#: The kinds of time grid that :func:`time_grid` builds.
 GRIDS = ("uniform", "logsnr", "karras", "quadratic")
 
 
@@ -1029,6 +1031,8 @@ def plms(
     return _finish(model, x, tm[-1], denoise_last)
 
 
+#: Every sampler of this module by its name, all with the signature
+#: ``sampler(model, x, ts, process, **options)``.
 SAMPLERS: dict[str, Callable] = {
     "euler": euler,
     "heun": heun,

@@ -26,6 +26,7 @@ from diffcore.processes import Process
 
 __all__ = ["TARGETS", "convert", "as_denoiser", "pf_ode_velocity"]
 
+#: The quantities a network may predict, by their names in :func:`convert`.
 TARGETS = ("eps", "x0", "score", "v", "velocity")
 
 

@@ -455,9 +455,11 @@ class EMA:
         model.load_state_dict(self.average())
 
     def state_dict(self) -> dict:
+        """The decay, the update count and the averaged tensors, for a checkpoint."""
         return {"decay": self.decay, "count": self.count, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict`; a checkpoint of another decay is refused."""
         if state["decay"] != self.decay:
             raise ValueError(
                 f"the checkpoint's EMA has decay {state['decay']}, this one has {self.decay}"

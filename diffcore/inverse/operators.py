@@ -206,10 +206,12 @@ class LinearOperator:
 
     @property
     def in_dim(self) -> int:
+        """The number of entries of one input, ``prod(in_shape)``."""
         return math.prod(self.in_shape)
 
     @property
     def out_dim(self) -> int:
+        """The number of entries of one measurement, ``prod(out_shape)``."""
         return math.prod(self.out_shape)
 
     def to_dense(self, dtype: torch.dtype = torch.float64) -> Tensor:

@@ -491,6 +491,7 @@ def diffpir(
     return data_step(p.n, denoiser(x, p.times[-1]))
 
 
+#: Every solver of this module by its name, all with the signature of the module.
 SOLVERS: dict[str, Callable] = {
     "replacement": replacement,
     "dps": dps,
