@@ -353,7 +353,7 @@ def heun(
     cx_hat, cx = _scales(c_x_hat, x), _scales(c_x, x)
     for i in range(n):
         if t_hat[i] > t[i]:  # churn
-            x = (x * up[i]).add_(noise(i, x.shape), alpha=std[i])
+            x = noise(i, x.shape, std[i]).add_(x * up[i])  # noise drawn scaled, then x added
         h = t[i + 1] - t_hat[i]
         u = torch.add(x * cx_hat[i], model(x, tm_hat[i]), alpha=c_d_hat[i])
         x_euler = torch.add(x, u, alpha=h)
@@ -459,9 +459,11 @@ def ddim(
     std = [eta * s[i + 1] * math.sqrt(keep[i]) for i in range(n)]
     noise = _noise_source(x, generator, noise_sampler) if eta > 0 else None
     for i in range(n):
-        x = torch.add(x * ratio[i], model(x, tm[i]), alpha=weight[i])
-        if noise is not None:
-            x = x.add_(noise(i, x.shape), alpha=std[i])
+        d = model(x, tm[i])
+        if noise is not None:  # noise drawn scaled, then the other terms added to it in place
+            x = noise(i, x.shape, std[i]).add_(x * ratio[i]).add_(d, alpha=weight[i])
+        else:
+            x = torch.add(x * ratio[i], d, alpha=weight[i])
         if callback is not None:
             callback(i, tm[i + 1], x)
     return _finish(model, x, tm[-1], denoise_last)
