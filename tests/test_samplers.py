@@ -196,6 +196,23 @@ def test_ddim_is_dpm_solver_1_is_the_exponential_euler_step(process):
     torch.testing.assert_close(dpm1, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_ddim_is_euler_in_edm_variables(process):
+    """Euler's method on EDM's ODE dx^/dsigma^ = (x^ - D)/sigma^, in x^ = x/alpha and
+    sigma^ = sigma/alpha (the Euler sampler of EDM and k-diffusion), is DDIM step by step."""
+    g = _gaussian()
+    x = g.marginal(0.9, process).sample(16, generator=torch.Generator().manual_seed(0))
+    ts = samplers.time_grid(process, 12, kind="uniform", t_min=1e-2, t_max=0.9)
+    model = g.denoiser(process)
+    a, s = process.alpha(ts), process.sigma(ts)
+    level = s / a
+    x_hat = x / a[0]
+    for i in range(len(ts) - 1):
+        d = model(a[i] * x_hat, ts[i])
+        x_hat = x_hat + (level[i + 1] - level[i]) * (x_hat - d) / level[i]
+    ddim = samplers.ddim(model, x, ts, process, eta=0.0)
+    torch.testing.assert_close(ddim, a[-1] * x_hat, rtol=1e-12, atol=1e-12)
+
+
 def _replay(noises):
     """A noise_sampler that hands out the given tensors in order."""
     it = iter(noises)
