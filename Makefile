@@ -24,8 +24,10 @@ MATHJAX := $(NPM_PREFIX)/node_modules/mathjax/es5/tex-mml-chtml.js
 # JupyterLab refuses to run as root without --allow-root (containers often run as root).
 LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
 
+# A notebook cell that runs past 600 s (the book's limit too; the slowest takes under a
+# minute) fails the run instead of holding it until the CI limit.
 PYTEST_ARGS := tests notebooks --nbval-lax --nbval-current-env \
-	--nbval-sanitize-with notebooks/sanitize.cfg -n 2 --dist loadfile
+	--nbval-sanitize-with notebooks/sanitize.cfg --nbval-cell-timeout 600 -n 2 --dist loadfile
 
 .PHONY: help venv book test notebooks lab mathjax clean distclean
 
