@@ -3,6 +3,7 @@ installs diffcore from the book's repository, before anything imports it, and th
 that cell.  The repository's address is written in _config.yml; the cells must agree with it."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,22 @@ def test_the_first_code_cell_installs_diffcore_from_the_repository(path):
     assert not any(
         line.startswith(("from diffcore", "import diffcore")) for line in source.splitlines()
     )
+
+
+def test_binder_builds_the_pinned_environment_with_the_cpu_build_of_torch():
+    """Binder reads only .binder/: it must pull in requirements.txt, with PyTorch's CPU index
+    beside PyPI (``torch==X`` then resolves to ``X+cpu``), on a Python that diffcore supports."""
+    binder = ROOT / ".binder"
+    lines = (binder / "requirements.txt").read_text(encoding="utf-8").splitlines()
+    lines = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in lines, lines
+    included = [(binder / line[3:]).resolve() for line in lines if line.startswith("-r ")]
+    assert included == [ROOT / "requirements.txt"], included
+    pins = (ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines()
+    assert any(line.startswith("torch==") for line in pins)
+
+    runtime = (binder / "runtime.txt").read_text(encoding="utf-8").strip()
+    match = re.fullmatch(r"python-3\.(\d+)", runtime)
+    assert match, runtime
+    requires = re.search(r'requires-python = ">=3\.(\d+)"', (ROOT / "pyproject.toml").read_text())
+    assert requires and int(match[1]) >= int(requires[1]), (runtime, requires)
