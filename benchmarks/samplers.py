@@ -19,10 +19,11 @@ and, under VP:
    ``D(x, t) = x``, 1,000 points in 2-D, float32, 200 steps, best of 30 runs taken
    round-robin over the samplers, one thread.
 
-It then prints Euler's ODE error over DPM-Solver++(2M)'s per process and NFE, and checks two
-targets: at 10 NFE, DPM-Solver++(2M)'s ODE error is at most 1/10 of Euler's (per process); each
-sampler's own time is at most 50 us per step.  The plot (ODE error and exact W2 against
-NFE, log-log) goes to ``--plot`` (default ``_build/benchmarks/samplers.png``).
+It then prints Euler's and DDIM's ODE errors over DPM-Solver++(2M)'s per process and NFE (DDIM
+is Euler's method in EDM's variables), and checks two targets: at 10 NFE, DPM-Solver++(2M)'s
+ODE error is at most 1/10 of Euler's (per process); each sampler's own time is at most 50 us
+per step.  The plot (ODE error and exact W2 against NFE, log-log) goes to ``--plot`` (default
+``_build/benchmarks/samplers.png``).
 
 Run: ``.venv/bin/python benchmarks/samplers.py [--plot PATH]``
 """
@@ -242,12 +243,16 @@ def main() -> None:
     per_step = overhead_table()
     plot(errors, results, args.plot)
 
-    print("\nEuler's ODE error / DPM-Solver++(2M)'s, per process (2M is second order, so the ratio")
-    print("grows about linearly in NFE once the steps resolve the path)")
-    print(f"{'process':<18}" + "".join(f"{f'NFE {n}':>10}" for n in NFES))
-    for pname, table in errors.items():
-        ratios = (e / d for e, d in zip(table["euler"], table["dpmpp_2m"], strict=True))
-        print(f"{pname:<18}" + "".join(f"{r:>10.1f}" for r in ratios))
+    # Euler's method in t (``euler``) depends on the process's clock; Euler's method in EDM's
+    # variables x / alpha and sigma / alpha, the Euler of EDM and k-diffusion, is DDIM for every
+    # process (``test_ddim_is_euler_in_edm_variables``).
+    for first, what in (("euler", "Euler's (in t)"), ("ddim", "DDIM's (Euler in EDM's variables)")):
+        print(f"\n{what} ODE error / DPM-Solver++(2M)'s, per process (2M is second order, so")
+        print("the ratio grows about linearly in NFE once the steps resolve the path)")
+        print(f"{'process':<18}" + "".join(f"{f'NFE {n}':>10}" for n in NFES))
+        for pname, table in errors.items():
+            ratios = (e / d for e, d in zip(table[first], table["dpmpp_2m"], strict=True))
+            print(f"{pname:<18}" + "".join(f"{r:>10.1f}" for r in ratios))
 
     i = NFES.index(10)
     print("\ntargets")
