@@ -50,7 +50,22 @@ def test_gaussian_w2_known_cases(gen):
         float(metrics.gaussian_w2(m2, c2, m1, c1)),
         rel_tol=1e-9,
     )
-    assert float(metrics.gaussian_w2(m1, c1, m1, c1)) < 1e-7  # the float64 round-off floor
+    assert float(metrics.gaussian_w2(m1, c1, m1, c1)) < 1e-13
+
+
+@pytest.mark.parametrize("d", [2, 5, 20])
+def test_gaussian_w2_resolves_distances_far_below_the_trace_forms_floor(d, gen):
+    # Commuting covariances Q diag(a) Q^T and Q diag(b) Q^T are W2 = ||sqrt(a) - sqrt(b)|| apart.
+    # The trace form cancels terms of size tr C and cannot go below ~1e-8; the square roots of
+    # eigh are accurate to O(d eps ||C||^(1/2)), which bounds the absolute error here.
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen))
+    a = torch.rand(d, generator=gen) + 0.05
+    zero = torch.zeros(d)
+    for delta in (1e-2, 1e-5, 1e-8, 1e-11):
+        b = a * (1 + delta * torch.randn(d, generator=gen))
+        exact = float((a.sqrt() - b.sqrt()).norm())
+        w2 = metrics.gaussian_w2(zero, q @ torch.diag(a) @ q.T, zero, q @ torch.diag(b) @ q.T)
+        assert abs(float(w2) - exact) <= 10 * d * torch.finfo(torch.float64).eps, (delta, exact)
 
 
 def test_sliced_wasserstein_zero_for_identical_sets_and_exact_in_one_dimension(gen):
