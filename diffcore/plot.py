@@ -1,13 +1,16 @@
 r"""The pictures the chapters share: an exact 2-D density on a grid, its contours in a square
-frame, and a batch of images as one array.
+frame, a batch of images as one array, and a figure redrawn by sliders.
 
 >>> density = plot.density_grid(mixture, 0.0, vp, box=2.6)   # p_0 on a 161 x 161 grid
 >>> plot.contours(ax, density, levels=4)                     # contours, axes framed to the box
 >>> ax.imshow(plot.image_grid(digits[:64], rows=8), cmap="gray_r", vmin=-1, vmax=1)
+>>> display(plot.explorer(draw, t=widgets.FloatSlider(0.3, min=0, max=1)))  # draw(t) -> Figure
 """
 
 from __future__ import annotations
 
+import io
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -16,7 +19,7 @@ from torch import Tensor
 
 from diffcore.processes import Process
 
-__all__ = ["Density", "box_limits", "density_grid", "frame", "contours", "image_grid"]
+__all__ = ["Density", "box_limits", "density_grid", "frame", "contours", "image_grid", "explorer"]
 
 
 class Density(NamedTuple):
@@ -112,3 +115,42 @@ def image_grid(images: Tensor, rows: int, border: float = -1.0) -> Tensor:
         .permute(0, 2, 1, 3)
         .reshape(rows * (h + 2), -1)
     )
+
+
+def explorer(draw: Callable, **controls):
+    """A figure redrawn whenever a control changes: ``draw(**values)`` returns a matplotlib
+    ``Figure``, and each keyword is an ipywidgets control (a slider, a dropdown) whose ``value``
+    is passed under that name (and whose description defaults to it).
+
+    Like ``ipywidgets.interactive``, except that the figure is shown as a PNG in an ``Image``
+    widget rather than captured by an ``Output`` widget.  Headless runners (nbclient, and so
+    ``make book``) imitate an ``Output`` widget by writing to the kernel while they wait for its
+    reply on the same socket, and now and then miss that reply until the cell's timeout
+    (jupyter/nbclient#312); an ``Image`` needs no imitation.  Returns the ``VBox`` of the
+    controls and the image, for ``display``.
+    """
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    if not callable(draw):
+        raise ValueError(f"draw must be a function returning a Figure, got {type(draw).__name__}")
+    for name, control in controls.items():
+        if not isinstance(control, widgets.ValueWidget):
+            raise ValueError(f"control {name!r} must be an ipywidgets control, got {control!r}")
+        control.description = control.description or name
+    image = widgets.Image(format="png")
+
+    def redraw(_change=None) -> None:
+        fig = draw(**{name: control.value for name, control in controls.items()})
+        if not isinstance(fig, Figure):
+            raise ValueError(f"draw must return a matplotlib Figure, got {type(fig).__name__}")
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", bbox_inches="tight")  # as the inline backend does
+        plt.close(fig)
+        image.value = buffer.getvalue()
+
+    for control in controls.values():
+        control.observe(redraw, names="value")
+    redraw()
+    return widgets.VBox([*controls.values(), image])

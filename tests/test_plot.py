@@ -79,3 +79,41 @@ def test_image_grid_places_image_k_in_row_k_over_columns():
 def test_bad_input_is_refused_by_name(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_explorer_redraws_the_figure_when_a_control_changes():
+    import ipywidgets as widgets
+
+    calls = []
+
+    def draw(t, name):
+        calls.append((t, name))
+        fig, ax = plt.subplots(figsize=(2, 2), dpi=50)
+        ax.plot([0, 1], [0, t])
+        return fig
+
+    t = widgets.FloatSlider(value=0.3, min=0.0, max=1.0)
+    name = widgets.Dropdown(options=["a", "b"], value="a", description="law")
+    box = plot.explorer(draw, t=t, name=name)
+    image = box.children[-1]
+    assert list(box.children[:-1]) == [t, name]
+    assert calls == [(0.3, "a")]  # drawn once, with the controls' values
+    assert bytes(image.value).startswith(b"\x89PNG")
+    assert (t.description, name.description) == ("t", "law")  # the name, unless one is given
+    first = bytes(image.value)
+    t.value = 0.9
+    name.value = "b"
+    assert calls[1:] == [(0.9, "a"), (0.9, "b")]
+    assert bytes(image.value) != first
+    assert plt.get_fignums() == []  # every drawn figure is closed
+
+
+def test_explorer_refuses_what_is_not_a_control_or_a_figure():
+    import ipywidgets as widgets
+
+    with pytest.raises(ValueError, match="control 't' must be an ipywidgets control"):
+        plot.explorer(lambda t: plt.figure(), t=0.3)
+    with pytest.raises(ValueError, match="must return a matplotlib Figure, got NoneType"):
+        plot.explorer(lambda t: None, t=widgets.FloatSlider())
+    with pytest.raises(ValueError, match="draw must be a function"):
+        plot.explorer("draw", t=widgets.FloatSlider())
