@@ -9,7 +9,8 @@ data sets that ship with the packages (:mod:`diffcore.data`), likelihoods throug
 classifier and classifier-free guidance (:mod:`diffcore.guidance`) and flow maps: consistency
 models, CTM and MeanFlow (:mod:`diffcore.flowmap`); and inverse problems with diffusion
 priors, PnP and exact posteriors (:mod:`diffcore.inverse`).  The pictures the chapters share,
-exact densities on a grid and images tiled into one array, are in :mod:`diffcore.plot`.
+exact densities on a grid, images tiled into one array and figures redrawn by sliders, are in
+:mod:`diffcore.plot`.
 """
 
 from diffcore import (
