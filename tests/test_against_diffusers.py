@@ -10,20 +10,23 @@ steps its ``n`` inference timesteps are ``n, n - 1, ..., 1`` (asserted) and its 
 ``alphas_cumprod[0]``, i.e. ``ts[-1]``.  The schedule values it reads in ``step`` are then
 replaced by the same values in float64, so that both sides use one schedule.
 
-Tolerance.  diffusers' DPM-Solver multistep and Euler schedulers cast the state to float32 in
-every ``step``.  A cast rounds by at most :math:`2^{-24}` relative, and the steps carry the
-error forward with a gain of order one (the PF-ODE of this Gaussian expands by at most
-:math:`\sqrt{\lambda_{\max}(\Sigma)} < 1.2` over the whole run), so ``n`` steps stay within
-:math:`8\,n\,\epsilon_{32}\max|x|`, with room for the float32 arithmetic of the step itself.
-The other schedulers (UniPC, single-step DPM-Solver, DDIM, DDPM, PNDM, score SDE) stay in
-float64 and are held to :math:`64\,n\,\epsilon_{64}\max|x|`.  Neighbouring variants of a
-method differ by :math:`O(h^2)`, far more: ``test_the_comparison_tells_neighbouring_variants_apart``
-shows that the bounds separate them.
+Tolerance.  diffusers' DPM-Solver multistep and Euler schedulers (but not their EDM
+DPM-Solver) cast the state to float32 in every ``step``.  A cast rounds by at most
+:math:`2^{-24}` relative to the state, and the PF-ODE carries an error made at noise level
+:math:`\sigma_k` to the end with the gain that takes the state's scale there to its final scale
+(at most :math:`\sqrt{\lambda_{\max}(\Sigma)}` over the state's at :math:`\sigma_k`, for this
+Gaussian).  So ``n`` steps stay within :math:`8\,n\,\epsilon_{32}\max|x_{\text{end}}|`, with room
+for the float32 arithmetic of the step itself.  The other schedulers (UniPC, single-step
+DPM-Solver, EDM's DPM-Solver, DDIM, DDPM, PNDM, score SDE) stay in float64 and are held to
+:math:`64\,n\,\epsilon_{64}\max|x_{\text{end}}|`.  Neighbouring variants of a method differ by
+:math:`O(h^2)`, far more: ``test_the_comparison_tells_neighbouring_variants_apart`` shows that
+the bounds separate them.
 
 Compared: ``ddim`` (every eta, and with eta = 0 also against diffusers' Euler in EDM's
 variables), ``dpm_solver_1``, ``dpm_solver_2``, ``dpmpp_2m``, ``dpmpp_3m`` (equal up to one
 coefficient, where diffcore departs from the reference codes on purpose), ``unipc``, ``plms``,
-``ddpm`` and ``euler_maruyama``.  Without a counterpart: ``dpm_solver_3`` (diffusers'
+``ddpm`` and ``euler_maruyama``, under VP; ``dpmpp_2m`` and ``ddim`` also under VE on EDM's
+grid, against diffusers' EDM schedulers.  Without a counterpart: ``dpm_solver_3`` (diffusers'
 single-step third-order solver pairs its two stages otherwise than the DPM-Solver code that
 diffcore follows), ``euler`` and ``heun`` (diffusers steps in the noise level
 :math:`\sigma_t/\alpha_t`, diffcore in ``t``), ``pc`` and ``annealed_langevin`` (the score SDE
@@ -38,6 +41,7 @@ import torch
 from diffcore import analytic, metrics, processes, samplers
 
 diffusers = pytest.importorskip("diffusers", reason="the cross-checks need diffusers")
+diffusers.utils.logging.set_verbosity_error()  # EDM's schedulers ask for scale_model_input
 # diffusers builds numpy arrays from torch tensors in a way numpy 2 deprecates
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers")
 
@@ -59,12 +63,13 @@ def _start(n=256, seed=0):
     return GAUSS.marginal(1.0, PROCESS).sample(n, generator=torch.Generator().manual_seed(seed))
 
 
-def _float32_bound(steps: int, x: torch.Tensor) -> float:
-    return 8 * steps * EPS32 * float(x.abs().max())
+def _float32_bound(steps: int, out: torch.Tensor) -> float:
+    """Round-off of ``steps`` float32 steps ending at ``out`` (see the module's docstring)."""
+    return 8 * steps * EPS32 * float(out.abs().max())
 
 
-def _float64_bound(steps: int, x: torch.Tensor) -> float:
-    return 64 * steps * torch.finfo(torch.float64).eps * float(x.abs().max())
+def _float64_bound(steps: int, out: torch.Tensor) -> float:
+    return 64 * steps * torch.finfo(torch.float64).eps * float(out.abs().max())
 
 
 def _alpha2(ts):
@@ -130,7 +135,7 @@ def test_dpmpp_2m_is_diffusers_dpm_solver_multistep_order_2(steps, kind):
     )
     ours = samplers.dpmpp_2m(DENOISER, x, ts, PROCESS)
     theirs = _run(scheduler, ts, x)
-    assert float((ours - theirs).abs().max()) <= _float32_bound(steps, x)
+    assert float((ours - theirs).abs().max()) <= _float32_bound(steps, ours)
 
 
 @pytest.mark.parametrize("steps", [5, 12, 40])
@@ -143,7 +148,7 @@ def test_dpm_solver_1_and_ddim_are_diffusers_first_order_dpm_solver(steps):
     theirs = _run(scheduler, ts, x)
     for name in ("dpm_solver_1", "ddim"):
         ours = samplers.SAMPLERS[name](DENOISER, x, ts, PROCESS)
-        assert float((ours - theirs).abs().max()) <= _float32_bound(steps, x), name
+        assert float((ours - theirs).abs().max()) <= _float32_bound(steps, ours), name
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -160,7 +165,7 @@ def test_unipc_is_diffusers_unipc_bh2(steps, kind):
     )
     ours = samplers.unipc(DENOISER, x, ts, PROCESS)
     theirs = _run(scheduler, ts, x)
-    assert float((ours - theirs).abs().max()) <= _float64_bound(steps, x)
+    assert float((ours - theirs).abs().max()) <= _float64_bound(steps, ours)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -184,7 +189,7 @@ def test_dpm_solver_2_is_diffusers_single_step_order_2(steps, kind):
     assert scheduler.order_list == [1, 2] * steps
     ours = samplers.dpm_solver_2(DENOISER, x, ts, PROCESS)
     theirs = _run(scheduler, fine, x)
-    assert float((ours - theirs).abs().max()) <= _float64_bound(2 * steps, x)
+    assert float((ours - theirs).abs().max()) <= _float64_bound(2 * steps, ours)
 
 
 _OUR_3M_WEIGHTS = samplers._multistep_3_weights
@@ -219,10 +224,10 @@ def test_dpmpp_3m_is_diffusers_order_3_but_for_the_weight_of_d2(steps, kind, mon
     x = _start()
     theirs = _diffusers_3m(ts, x)
     ours = samplers.dpmpp_3m(DENOISER, x, ts, PROCESS)
-    assert float((ours - theirs).abs().max()) > 10 * _float32_bound(steps, x)
+    assert float((ours - theirs).abs().max()) > 10 * _float32_bound(steps, ours)
     monkeypatch.setattr(samplers, "_multistep_3_weights", _reference_3m_weights)
     halved = samplers.dpmpp_3m(DENOISER, x, ts, PROCESS)
-    assert float((halved - theirs).abs().max()) <= _float32_bound(steps, x)
+    assert float((halved - theirs).abs().max()) <= _float32_bound(steps, ours)
 
 
 def test_diffusers_third_order_multistep_is_of_order_2():
@@ -265,7 +270,7 @@ def test_ddim_is_diffusers_ddim(eta, kind):
         d = DENOISER(theirs, ts[i])
         theirs = scheduler.step(d, t, theirs, eta=eta, variance_noise=noise[i]).prev_sample
     ours = samplers.ddim(DENOISER, x, ts, PROCESS, eta=eta, noise_sampler=lambda i, shape: noise[i])
-    assert float((ours - theirs).abs().max()) <= _float64_bound(steps, x)
+    assert float((ours - theirs).abs().max()) <= _float64_bound(steps, ours)
 
 
 def test_ddpm_is_diffusers_ddpm():
@@ -294,7 +299,7 @@ def test_ddpm_is_diffusers_ddpm():
     )
     assert len(ours) == len(theirs) == steps
     for k, (a, b) in enumerate(zip(ours, theirs, strict=True)):
-        assert float((a - b).abs().max()) <= _float64_bound(steps, x), k
+        assert float((a - b).abs().max()) <= _float64_bound(steps, a), k
 
 
 def _noise_prediction(x, t):
@@ -322,7 +327,7 @@ def test_plms_is_diffusers_pndm_without_runge_kutta_steps(steps, kind):
     ours = samplers.plms(DENOISER, x, ts, PROCESS)
     # a noise prediction (x - alpha D) / sigma loses the digits of x below sigma: eps / sigma
     sigma_min = float(PROCESS.sigma(ts[-1]))
-    assert float((ours - theirs).abs().max()) <= _float64_bound(steps, x) / sigma_min
+    assert float((ours - theirs).abs().max()) <= _float64_bound(steps, ours) / sigma_min
 
 
 def test_ddim_is_diffusers_euler_in_the_noise_level():
@@ -343,7 +348,7 @@ def test_ddim_is_diffusers_euler_in_the_noise_level():
         y = scheduler.step(DENOISER(alpha[i] * y, ts[i]), t, y).prev_sample
     ours = samplers.ddim(DENOISER, x, ts, PROCESS)
     # EulerDiscreteScheduler too casts the state to float32 in its step
-    assert float((ours - alpha[-1] * y).abs().max()) <= _float32_bound(steps, x)
+    assert float((ours - alpha[-1] * y).abs().max()) <= _float32_bound(steps, ours)
 
 
 def test_euler_maruyama_is_diffusers_score_sde_vp():
@@ -365,30 +370,89 @@ def test_euler_maruyama_is_diffusers_score_sde_vp():
         theirs, _ = scheduler.step_pred(eps, theirs, t.reshape(1), generator=generator)
     generator = torch.Generator().manual_seed(1)
     ours = samplers.euler_maruyama(DENOISER, x, ts, PROCESS, generator=generator)
-    assert float((ours - theirs).abs().max()) <= _float64_bound(steps, x)
+    assert float((ours - theirs).abs().max()) <= _float64_bound(steps, ours)
 
 
 def test_the_comparison_tells_neighbouring_variants_apart():
-    """The bound is no formality: diffusers' other second-order variants, and its lower order in
-    the last step, miss dpmpp_2m and unipc by more than ten times the bound."""
+    """The bounds are no formality: diffusers' other second-order variants, its lower order in
+    the last step, and a step without corrector miss dpmpp_2m and unipc by more than ten times
+    the bound their tests use."""
     steps = 12
     ts = samplers.time_grid(PROCESS, steps, kind="karras")
     x = _start()
-    bound = _float32_bound(steps, x)
     dpmpp_2m = samplers.dpmpp_2m(DENOISER, x, ts, PROCESS)
     unipc = samplers.unipc(DENOISER, x, ts, PROCESS)
-    multistep = diffusers.DPMSolverMultistepScheduler
+    multistep = {"algorithm_type": "dpmsolver++"}
     variants = [
-        (dpmpp_2m, multistep, {"solver_type": "heun"}),
-        (dpmpp_2m, multistep, {"solver_type": "midpoint", "euler_at_final": True}),
-        (unipc, diffusers.UniPCMultistepScheduler, {"solver_type": "bh1", "predict_x0": True}),
-        (
-            unipc,
-            diffusers.UniPCMultistepScheduler,
-            {"solver_type": "bh2", "disable_corrector": [3]},
-        ),
+        (dpmpp_2m, _float32_bound, diffusers.DPMSolverMultistepScheduler, {"solver_type": "heun"}),
+        (dpmpp_2m, _float32_bound, diffusers.DPMSolverMultistepScheduler, {"euler_at_final": True}),
+        (unipc, _float64_bound, diffusers.UniPCMultistepScheduler, {"solver_type": "bh1"}),
+        (unipc, _float64_bound, diffusers.UniPCMultistepScheduler, {"disable_corrector": [3]}),
     ]
-    for ours, cls, config in variants:
-        config = {"algorithm_type": "dpmsolver++", **config} if cls is multistep else config
+    for ours, bound, cls, config in variants:
+        if cls is diffusers.DPMSolverMultistepScheduler:
+            config = {**multistep, **config}
         theirs = _run(_multistep(cls, ts, solver_order=2, **config), ts, x)
-        assert float((ours - theirs).abs().max()) > 10 * bound, config
+        assert float((ours - theirs).abs().max()) > 10 * bound(steps, ours), config
+
+
+# -- EDM's variables: VE on the Karras grid ----------------------------------------------------
+EDM = processes.VE(sigma_min=0.002, sigma_max=80.0)
+
+
+def _edm(cls, ts, **config):
+    """An EDM scheduler stepping through the noise levels sigma(ts), in float64."""
+    scheduler = cls(sigma_min=EDM.sigma_min, sigma_max=EDM.sigma_max, **config)
+    scheduler.set_timesteps(len(ts) - 1)
+    assert len(scheduler.sigmas) == len(ts)
+    scheduler.sigmas = EDM.sigma(ts)
+    return scheduler
+
+
+def _run_edm(scheduler, ts, x):
+    """The exact denoiser given as the noise prediction of EDM's preconditioning:
+    D = c_skip x + c_out F, so F = (D - c_skip x) / c_out."""
+    sigma_data = scheduler.config.sigma_data
+    for i, t in enumerate(scheduler.timesteps):
+        sigma = EDM.sigma(ts[i])
+        c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+        c_out = sigma * sigma_data / (sigma**2 + sigma_data**2) ** 0.5
+        prediction = (GAUSS.denoiser(EDM)(x, ts[i]) - c_skip * x) / c_out
+        x = scheduler.step(prediction, t, x).prev_sample
+    return x
+
+
+def _edm_start(n=256):
+    return GAUSS.marginal(1.0, EDM).sample(n, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("steps", [5, 18, 40])
+def test_dpmpp_2m_under_ve_is_diffusers_edm_dpm_solver(steps):
+    """Under VE on EDM's grid (sigma from 80 to 0.002, rho = 7), dpmpp_2m is diffusers'
+    EDMDPMSolverMultistepScheduler, which stays in float64."""
+    ts = samplers.time_grid(EDM, steps, kind="karras", t_min=0.0, t_max=1.0)
+    x = _edm_start()
+    scheduler = _edm(
+        diffusers.EDMDPMSolverMultistepScheduler,
+        ts,
+        solver_order=2,
+        algorithm_type="dpmsolver++",
+        solver_type="midpoint",
+        lower_order_final=False,
+        final_sigmas_type="sigma_min",
+    )
+    ours = samplers.dpmpp_2m(GAUSS.denoiser(EDM), x, ts, EDM)
+    theirs = _run_edm(scheduler, ts, x)
+    assert float((ours - theirs).abs().max()) <= _float64_bound(steps, ours)
+
+
+@pytest.mark.parametrize("steps", [5, 18, 40])
+def test_ddim_under_ve_is_diffusers_edm_euler(steps):
+    """EDMEulerScheduler (no churn) is EDM's Euler step in sigma, i.e. DDIM under VE; it casts
+    the state to float32."""
+    ts = samplers.time_grid(EDM, steps, kind="karras", t_min=0.0, t_max=1.0)
+    x = _edm_start()
+    scheduler = _edm(diffusers.EDMEulerScheduler, ts, final_sigmas_type="sigma_min")
+    ours = samplers.ddim(GAUSS.denoiser(EDM), x, ts, EDM)
+    theirs = _run_edm(scheduler, ts, x)
+    assert float((ours - theirs).abs().max()) <= _float32_bound(steps, ours)
