@@ -121,21 +121,33 @@ def _multistep(cls, ts, **config):
 KINDS = ("logsnr", "karras", "uniform")
 
 
+# diffcore's name: diffusers' scheduler, its configuration, and the bound of its arithmetic
+MULTISTEP = {
+    "dpmpp_2m": (
+        diffusers.DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "solver_type": "midpoint"},
+        _float32_bound,
+    ),
+    "unipc": (
+        diffusers.UniPCMultistepScheduler,
+        {"solver_type": "bh2", "predict_x0": True},
+        _float64_bound,
+    ),
+}
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("steps", [5, 12, 40])
-def test_dpmpp_2m_is_diffusers_dpm_solver_multistep_order_2(steps, kind):
+@pytest.mark.parametrize("name", list(MULTISTEP))
+def test_second_order_multistep_samplers_are_diffusers(name, steps, kind):
+    """dpmpp_2m is DPMSolverMultistepScheduler of order 2 (midpoint form), unipc is
+    UniPCMultistepScheduler of order 2 (bh2, data prediction)."""
+    cls, config, bound = MULTISTEP[name]
     ts = samplers.time_grid(PROCESS, steps, kind=kind)
     x = _start()
-    scheduler = _multistep(
-        diffusers.DPMSolverMultistepScheduler,
-        ts,
-        solver_order=2,
-        algorithm_type="dpmsolver++",
-        solver_type="midpoint",
-    )
-    ours = samplers.dpmpp_2m(DENOISER, x, ts, PROCESS)
-    theirs = _run(scheduler, ts, x)
-    assert float((ours - theirs).abs().max()) <= _float32_bound(steps, ours)
+    ours = samplers.SAMPLERS[name](DENOISER, x, ts, PROCESS)
+    theirs = _run(_multistep(cls, ts, solver_order=2, **config), ts, x)
+    assert float((ours - theirs).abs().max()) <= bound(steps, ours)
 
 
 @pytest.mark.parametrize("steps", [5, 12, 40])
@@ -149,23 +161,6 @@ def test_dpm_solver_1_and_ddim_are_diffusers_first_order_dpm_solver(steps):
     for name in ("dpm_solver_1", "ddim"):
         ours = samplers.SAMPLERS[name](DENOISER, x, ts, PROCESS)
         assert float((ours - theirs).abs().max()) <= _float32_bound(steps, ours), name
-
-
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("steps", [5, 12, 40])
-def test_unipc_is_diffusers_unipc_bh2(steps, kind):
-    ts = samplers.time_grid(PROCESS, steps, kind=kind)
-    x = _start()
-    scheduler = _multistep(
-        diffusers.UniPCMultistepScheduler,
-        ts,
-        solver_order=2,
-        solver_type="bh2",
-        predict_x0=True,
-    )
-    ours = samplers.unipc(DENOISER, x, ts, PROCESS)
-    theirs = _run(scheduler, ts, x)
-    assert float((ours - theirs).abs().max()) <= _float64_bound(steps, ours)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -380,20 +375,17 @@ def test_the_comparison_tells_neighbouring_variants_apart():
     steps = 12
     ts = samplers.time_grid(PROCESS, steps, kind="karras")
     x = _start()
-    dpmpp_2m = samplers.dpmpp_2m(DENOISER, x, ts, PROCESS)
-    unipc = samplers.unipc(DENOISER, x, ts, PROCESS)
-    multistep = {"algorithm_type": "dpmsolver++"}
     variants = [
-        (dpmpp_2m, _float32_bound, diffusers.DPMSolverMultistepScheduler, {"solver_type": "heun"}),
-        (dpmpp_2m, _float32_bound, diffusers.DPMSolverMultistepScheduler, {"euler_at_final": True}),
-        (unipc, _float64_bound, diffusers.UniPCMultistepScheduler, {"solver_type": "bh1"}),
-        (unipc, _float64_bound, diffusers.UniPCMultistepScheduler, {"disable_corrector": [3]}),
+        ("dpmpp_2m", {"solver_type": "heun"}),
+        ("dpmpp_2m", {"euler_at_final": True}),
+        ("unipc", {"solver_type": "bh1"}),
+        ("unipc", {"disable_corrector": [3]}),
     ]
-    for ours, bound, cls, config in variants:
-        if cls is diffusers.DPMSolverMultistepScheduler:
-            config = {**multistep, **config}
-        theirs = _run(_multistep(cls, ts, solver_order=2, **config), ts, x)
-        assert float((ours - theirs).abs().max()) > 10 * bound(steps, ours), config
+    for name, change in variants:
+        cls, config, bound = MULTISTEP[name]
+        ours = samplers.SAMPLERS[name](DENOISER, x, ts, PROCESS)
+        theirs = _run(_multistep(cls, ts, solver_order=2, **{**config, **change}), ts, x)
+        assert float((ours - theirs).abs().max()) > 10 * bound(steps, ours), (name, change)
 
 
 # -- EDM's variables: VE on the Karras grid ----------------------------------------------------
