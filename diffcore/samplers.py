@@ -311,10 +311,13 @@ def heun(
     :math:`x_{i+1} = x_i + \tfrac h2\,(u(x_i, t_i) + u(\tilde x, t_{i+1}))`, with
     :math:`h = t_{i+1} - t_i`.  A step that ends where :math:`\sigma_t = 0` is an Euler step,
     since the velocity is not defined there.  Order 2; two model calls per step, one fewer when
-    ``ts[-1]`` has :math:`\sigma = 0`.  The steps are taken in ``t``: EDM's sampler steps in its
-    noise level, which is its time (:math:`\sigma_t = t`), so the two coincide for a process
-    whose :math:`\sigma_t/\alpha_t` is linear in ``t``, not for
-    :class:`~diffcore.processes.VE`, whose :math:`\sigma_t` is exponential in ``t``.
+    ``ts[-1]`` has :math:`\sigma = 0`.  The steps are taken in ``t`` on ``x``, as EDM's
+    Algorithm 1 does in a process's own time.  EDM's recommended sampler (and the Heun of
+    k-diffusion and diffusers) steps instead in the noise level
+    :math:`\bar\sigma = \sigma_t/\alpha_t` on :math:`x/\alpha_t`; the two coincide where
+    :math:`\alpha_t = 1` and :math:`\sigma_t = t`, not for :class:`~diffcore.processes.VE`,
+    whose :math:`\sigma_t` is exponential in ``t``, nor for VP.  In those variables Euler's
+    method is :func:`ddim`.
 
     Churn (``s_churn > 0``): before step ``i``, where EDM's noise level
     :math:`\bar\sigma_i = \sigma_i/\alpha_i` lies in ``[s_tmin, s_tmax]``, the state is moved up
