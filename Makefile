@@ -40,7 +40,11 @@ help:
 
 venv: $(STAMP)
 
+# requirements.txt pins packages (numpy, scipy, diffusers, ...) that need Python 3.11 or newer.
 $(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -c 'import sys; v = sys.version.split()[0]; sys.exit(None \
+	if sys.version_info >= (3, 11) else f"requirements.txt needs Python 3.11 or newer, \
+	but $(PYTHON) is Python {v}: run make with PYTHON=python3.11 (or newer)")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
