@@ -17,7 +17,8 @@ and, under VP:
    exact sets) is printed with the table;
 4. ``us/step``: the wall time per step that is the sampler's own, with a free model
    ``D(x, t) = x``, 1,000 points in 2-D, float32, 200 steps, best of 30 runs taken
-   round-robin over the samplers, one thread.
+   round-robin over the samplers, one thread; and, for scale, the same for the matching
+   schedulers of diffusers.
 
 It then prints Euler's and DDIM's ODE errors over DPM-Solver++(2M)'s per process and NFE (DDIM
 is Euler's method in EDM's variables), Euler's over 2M's at 10 NFE on each kind of time grid,
@@ -208,6 +209,38 @@ def overhead_table(steps: int = 200, repeats: int = 30) -> dict:
     return per_step
 
 
+def diffusers_overhead_table(steps: int = 200, repeats: int = 30) -> None:
+    """For scale: the time per step of diffusers' matching schedulers, under the conditions of
+    :func:`overhead_table` (their default 1,000-step DDPM schedule, ``set_timesteps(steps)``,
+    the sample as the model output), ``step`` and the loop around it."""
+    import diffusers
+
+    schedulers = {
+        "ddim": (diffusers.DDIMScheduler, {}),
+        "ddpm": (diffusers.DDPMScheduler, {}),
+        "dpmpp_2m": (diffusers.DPMSolverMultistepScheduler, {"solver_order": 2}),
+        "dpmpp_3m": (diffusers.DPMSolverMultistepScheduler, {"solver_order": 3}),
+        "unipc": (diffusers.UniPCMultistepScheduler, {}),
+        "plms": (diffusers.PNDMScheduler, {"skip_prk_steps": True}),
+    }
+    x = torch.randn(1000, 2, generator=torch.Generator().manual_seed(0))
+    best = dict.fromkeys(schedulers, math.inf)
+    for _ in range(repeats):
+        for name, (cls, config) in schedulers.items():
+            prediction = "epsilon" if cls is diffusers.PNDMScheduler else "sample"
+            scheduler = cls(prediction_type=prediction, **config)
+            scheduler.set_timesteps(steps)
+            y = x
+            start = time.perf_counter()
+            for t in scheduler.timesteps:
+                y = scheduler.step(y, t, y).prev_sample  # the free model: output = input
+            best[name] = min(best[name], (time.perf_counter() - start) / len(scheduler.timesteps))
+    print(f"\nfor scale, diffusers {diffusers.__version__}: its matching schedulers' time per step")
+    print(f"{'sampler':<18}{'us/step':>9}   scheduler")
+    for name, seconds in best.items():
+        print(f"{name:<18}{seconds * 1e6:>9.1f}   {schedulers[name][0].__name__}")
+
+
 def grid_ratios(gauss, nfe: int = 10) -> None:
     """Euler's ODE error over DPM-Solver++(2M)'s at ``nfe`` on every time grid, both solvers on
     the same grid: the target's ratio does not hinge on the grid chosen above."""
@@ -268,6 +301,7 @@ def main() -> None:
     errors = ode_tables(gauss)
     results = law_tables(gauss)
     per_step = overhead_table()
+    diffusers_overhead_table()
     plot(errors, results, args.plot)
 
     # Euler's method in t (``euler``) depends on the process's clock; Euler's method in EDM's
