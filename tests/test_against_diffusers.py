@@ -26,7 +26,8 @@ Compared: ``ddim`` (every eta, and with eta = 0 also against diffusers' Euler in
 variables), ``dpm_solver_1``, ``dpm_solver_2``, ``dpmpp_2m``, ``dpmpp_3m`` (equal up to one
 coefficient, where diffcore departs from the reference codes on purpose), ``unipc``, ``plms``,
 ``ddpm`` and ``euler_maruyama``, under VP; ``dpmpp_2m`` and ``ddim`` also under VE on EDM's
-grid, against diffusers' EDM schedulers.  Without a counterpart: ``dpm_solver_3`` (diffusers'
+grid, against diffusers' EDM schedulers; and, from :mod:`diffcore.flowmap`,
+:class:`~diffcore.flowmap.ConsistencyModel` with ``consistency_sample`` under VE.  Without a counterpart: ``dpm_solver_3`` (diffusers'
 single-step third-order solver pairs its two stages otherwise than the DPM-Solver code that
 diffcore follows), ``euler`` and ``heun`` (diffusers steps in the noise level
 :math:`\sigma_t/\alpha_t`, diffcore in ``t``), ``pc`` and ``annealed_langevin`` (the score SDE
@@ -448,3 +449,50 @@ def test_ddim_under_ve_is_diffusers_edm_euler(steps):
     ours = samplers.ddim(GAUSS.denoiser(EDM), x, ts, EDM)
     theirs = _run_edm(scheduler, ts, x)
     assert float((ours - theirs).abs().max()) <= _float32_bound(steps, ours)
+
+
+# -- consistency models ------------------------------------------------------------------------
+class _Net(torch.nn.Module):
+    """A fixed random network F(u, sigma): what it computes does not matter, only that both
+    sides call it at the same inputs and noise levels."""
+
+    def __init__(self, d=2, width=16):
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        self.w1 = torch.randn(d, width, generator=gen) / math.sqrt(d)
+        self.b = torch.randn(width, generator=gen)
+        self.w2 = torch.randn(width, d, generator=gen) / math.sqrt(width)
+
+    def forward(self, u, sigma):
+        return torch.tanh(u @ self.w1 + torch.log(sigma) * self.b) @ self.w2
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_consistency_sample_is_diffusers_cm_stochastic_iterative(steps):
+    """ConsistencyModel under VE (Song et al.'s c_skip, c_out, c_in with epsilon = sigma_min)
+    and consistency_sample (their Alg. 1) are diffusers' CMStochasticIterativeScheduler, on
+    its own noise levels and with the same generator; diffusers also draws noise for its last
+    step and multiplies it by zero."""
+    from diffcore import flowmap
+
+    net = _Net()
+    scheduler = diffusers.CMStochasticIterativeScheduler(
+        sigma_min=EDM.sigma_min, sigma_max=EDM.sigma_max
+    )
+    scheduler.set_timesteps(steps)
+    sigmas = scheduler.sigmas.to(torch.float64)  # the k levels, then sigma_min
+    ts = EDM.t_of_lam(-torch.log(sigmas)).clamp(0, 1)
+    ts[-1] = 0.0  # sigma_min, exactly
+    scheduler.sigmas = EDM.sigma(ts)  # the same levels in float64 on both sides
+    model = flowmap.ConsistencyModel(lambda u, t: net(u, EDM.sigma(t)), EDM, t_min=0.0)
+    x = 80.0 * torch.randn(256, 2, generator=torch.Generator().manual_seed(0))
+
+    theirs = x
+    generator = torch.Generator().manual_seed(1)
+    for i, t in enumerate(scheduler.timesteps):
+        sigma = scheduler.sigmas[i]
+        out = net(scheduler.scale_model_input(theirs, t), sigma)
+        theirs = scheduler.step(out, t, theirs, generator=generator).prev_sample
+    generator = torch.Generator().manual_seed(1)
+    ours = flowmap.consistency_sample(model, x, ts, EDM, generator=generator)
+    assert float((ours - theirs).abs().max()) <= _float64_bound(steps, ours)
