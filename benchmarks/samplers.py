@@ -34,7 +34,9 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
+import os
 import pathlib
+import platform
 import time
 
 import torch
@@ -290,6 +292,18 @@ def plot(errors: dict, results: dict, path: pathlib.Path) -> None:
     print(f"\nplot written to {path}")
 
 
+def _machine() -> str:
+    """The CPU, torch's version and the load: timings from different machines or loads differ."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    load = f", load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}{load}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -297,6 +311,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    print(_machine())
     gauss = _gaussian()
     errors = ode_tables(gauss)
     results = law_tables(gauss)
