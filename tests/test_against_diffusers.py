@@ -27,7 +27,8 @@ variables), ``dpm_solver_1``, ``dpm_solver_2``, ``dpmpp_2m``, ``dpmpp_3m`` (equa
 coefficient, where diffcore departs from the reference codes on purpose), ``unipc``, ``plms``,
 ``ddpm`` and ``euler_maruyama``, under VP; ``dpmpp_2m`` and ``ddim`` also under VE on EDM's
 grid, against diffusers' EDM schedulers; and, from :mod:`diffcore.flowmap`,
-:class:`~diffcore.flowmap.ConsistencyModel` with ``consistency_sample`` under VE.  Without a counterpart: ``dpm_solver_3`` (diffusers'
+:class:`~diffcore.flowmap.ConsistencyModel` with ``consistency_sample`` under VE; and DDPM's
+schedule itself.  Without a counterpart: ``dpm_solver_3`` (diffusers'
 single-step third-order solver pairs its two stages otherwise than the DPM-Solver code that
 diffcore follows), ``euler`` and ``heun`` (diffusers steps in the noise level
 :math:`\sigma_t/\alpha_t`, diffcore in ``t``), ``pc`` and ``annealed_langevin`` (the score SDE
@@ -115,6 +116,18 @@ def _multistep(cls, ts, **config):
         final_sigmas_type="sigma_min",
         **config,
     )
+
+
+def test_ddpm_schedule_is_diffusers_default():
+    """``ddpm_betas`` and ``alphas_cumprod`` give diffusers' default schedule (linear betas from
+    1e-4 to 0.02 over 1,000 steps), which diffusers computes in float32: each beta within one
+    float32 rounding, and a product of 1,000 float32 factors within 1,000 of them."""
+    scheduler = diffusers.DDPMScheduler()
+    betas = processes.ddpm_betas()
+    assert float(((scheduler.betas.double() - betas) / betas).abs().max()) <= EPS32
+    ours = processes.alphas_cumprod(betas)
+    relative = (scheduler.alphas_cumprod.double() - ours) / ours
+    assert float(relative.abs().max()) <= 1000 * EPS32
 
 
 # -- exponential integrators -----------------------------------------------------------------
