@@ -23,8 +23,8 @@ and, under VP:
 It then prints Euler's and DDIM's ODE errors over DPM-Solver++(2M)'s per process and NFE (DDIM
 is Euler's method in EDM's variables), Euler's over 2M's at 10 NFE on each kind of time grid,
 and checks two targets: at 10 NFE, DPM-Solver++(2M)'s ODE error is at most 1/10 of Euler's
-(per process); each sampler's own time is at most 50 us per step.  The plot (ODE error and exact W2 against NFE, log-log) goes to ``--plot`` (default
-``_build/benchmarks/samplers.png``).
+(per process); each sampler's own time is at most 50 us per step.  The plot (ODE error and
+exact W2 against NFE, log-log) goes to ``--plot`` (default ``_build/benchmarks/samplers.png``).
 
 Run: ``.venv/bin/python benchmarks/samplers.py [--plot PATH]``
 """
@@ -38,6 +38,7 @@ import os
 import pathlib
 import platform
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -92,12 +93,24 @@ def _print_table(title: str, rows) -> None:
         print(f"{name:<18}{cells}")
 
 
+def _ode_error(gauss, process) -> Callable:
+    """``error(name, ts)``: the largest error at t_min of ``SAMPLERS[name]`` on the grid ``ts``
+    against the exact PF-ODE map, from the same 256 exact samples of p_1 for every call."""
+    x = gauss.marginal(1.0, process).sample(256, generator=torch.Generator().manual_seed(0))
+    exact = gauss.pf_ode_map(x, 1.0, T_MIN, process)
+    denoiser = gauss.denoiser(process)
+
+    def error(name: str, ts) -> float:
+        return float((_run(name, denoiser, x, ts, process=process) - exact).abs().max())
+
+    return error
+
+
 def ode_tables(gauss) -> dict:
     """Max error at t_min against the exact PF-ODE map, per process and deterministic sampler."""
     errors = {}
     for pname, process in ODE_PROCESSES.items():
-        x = gauss.marginal(1.0, process).sample(256, generator=torch.Generator().manual_seed(0))
-        exact = gauss.pf_ode_map(x, 1.0, T_MIN, process)
+        error = _ode_error(gauss, process)
         rows = []
         for name in samplers.SAMPLERS:
             values = []
@@ -114,8 +127,7 @@ def ode_tables(gauss) -> dict:
                 ):
                     values.append(math.nan)
                     continue
-                out = _run(name, gauss.denoiser(process), x, _grid(steps, process), process=process)
-                values.append(float((out - exact).abs().max()))
+                values.append(error(name, _grid(steps, process)))
             rows.append((name, values))
         errors[pname] = dict(rows)
         _print_table(
@@ -249,8 +261,7 @@ def grid_ratios(gauss, nfe: int = 10) -> None:
     print(f"\nEuler's ODE error / DPM-Solver++(2M)'s at {nfe} NFE, per process and time grid")
     print(f"{'process':<18}" + "".join(f"{kind:>12}" for kind in samplers.GRIDS))
     for pname, process in ODE_PROCESSES.items():
-        x = gauss.marginal(1.0, process).sample(256, generator=torch.Generator().manual_seed(0))
-        exact = gauss.pf_ode_map(x, 1.0, T_MIN, process)
+        error = _ode_error(gauss, process)
         cells = []
         for kind in samplers.GRIDS:
             try:
@@ -258,15 +269,7 @@ def grid_ratios(gauss, nfe: int = 10) -> None:
             except ValueError:  # log-SNR grids need a finite log-SNR at t = 1 (not Linear)
                 cells.append(f"{'-':>12}")
                 continue
-            err = {
-                name: float(
-                    (_run(name, gauss.denoiser(process), x, ts, process=process) - exact)
-                    .abs()
-                    .max()
-                )
-                for name in ("euler", "dpmpp_2m")
-            }
-            cells.append(f"{err['euler'] / err['dpmpp_2m']:>12.1f}")
+            cells.append(f"{error('euler', ts) / error('dpmpp_2m', ts):>12.1f}")
         print(f"{pname:<18}" + "".join(cells))
 
 

@@ -857,11 +857,11 @@ def dpmpp_3m(
     (DPM-Solver's ``multistep_dpm_solver_third_update``, k-diffusion's ``sample_dpmpp_3m_sde``)
     weight :math:`d_2` by :math:`-\varphi_3`, half the Taylor coefficient; a step then fails to
     integrate a quadratic :math:`D(\lambda)` exactly and the method is of order 2 (measured on
-    the Gaussian oracle: 2.0 with their weight, 3.0 with this one; ``tests/test_against_diffusers.py``
-    runs diffusers' solver beside this one).  The first two steps are
-    first and second order (their start-up error is :math:`O(\alpha_{t_1} h^2)`, small where
-    :math:`\alpha_{t_0} \ll 1`); a step of infinite :math:`h` is first order.  Order 3; one
-    model call per step.  Shapes: ``x`` ``(batch, ...)``; returns the same.
+    the Gaussian oracle: 2.0 with their weight, 3.0 with this one;
+    ``tests/test_against_diffusers.py`` runs diffusers' solver beside this one).  The first two
+    steps are first and second order (their start-up error is :math:`O(\alpha_{t_1} h^2)`,
+    small where :math:`\alpha_{t_0} \ll 1`); a step of infinite :math:`h` is first order.
+    Order 3; one model call per step.  Shapes: ``x`` ``(batch, ...)``; returns the same.
     """
     ts, tm = _prepare(ts, x)
     a, s, _, _ = _coefficients(process, ts)

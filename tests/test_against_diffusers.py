@@ -41,7 +41,7 @@ import diffusers  # pinned in requirements.txt: missing, it fails the run rather
 import pytest
 import torch
 
-from diffcore import analytic, metrics, processes, samplers
+from diffcore import analytic, metrics, processes, samplers, targets
 
 diffusers.utils.logging.set_verbosity_error()  # EDM's schedulers ask for scale_model_input
 # diffusers builds numpy arrays from torch tensors in a way numpy 2 deprecates
@@ -74,15 +74,11 @@ def _float64_bound(steps: int, out: torch.Tensor) -> float:
     return 64 * steps * torch.finfo(torch.float64).eps * float(out.abs().max())
 
 
-def _alpha2(ts):
-    return PROCESS.alpha(ts) ** 2
-
-
 def _on_grid(cls, ts, **config):
     """``cls`` with the training schedule alphas_cumprod[k] = alpha^2(ts[n - k]), its timesteps
     set to n, ..., 1, and the schedule it steps with replaced by float64 values."""
     n = len(ts) - 1
-    abar = _alpha2(ts.flip(0))
+    abar = PROCESS.alpha(ts.flip(0)) ** 2
     betas = 1 - abar / torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
     scheduler = cls(num_train_timesteps=n + 1, trained_betas=betas.tolist(), **config)
     scheduler.set_timesteps(n)
@@ -313,7 +309,7 @@ def test_ddpm_is_diffusers_ddpm():
 
 def _noise_prediction(x, t):
     """The exact noise prediction (x - alpha D) / sigma, for schedulers that take no other."""
-    return (x - PROCESS.alpha(t) * DENOISER(x, t)) / PROCESS.sigma(t)
+    return targets.convert(DENOISER(x, t), "x0", "eps", x, t, PROCESS)
 
 
 @pytest.mark.parametrize("kind", KINDS)
