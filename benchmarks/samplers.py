@@ -21,8 +21,9 @@ and, under VP:
    schedulers of diffusers.
 
 It then prints Euler's and DDIM's ODE errors over DPM-Solver++(2M)'s per process and NFE (DDIM
-is Euler's method in EDM's variables), Euler's over 2M's at 10 NFE on each kind of time grid,
-and checks two targets: at 10 NFE, DPM-Solver++(2M)'s ODE error is at most 1/10 of Euler's
+is Euler's method in EDM's variables), Euler's over 2M's at 10 NFE on each kind of time grid
+and on one-dimensional Gaussians N(0, s^2) of variances 4 to 1e-4 (under VP, N(0, 1) makes
+Euler's steps in t exact), and checks two targets: at 10 NFE, DPM-Solver++(2M)'s ODE error is at most 1/10 of Euler's
 (per process); each sampler's own time is at most 50 us per step.  The plot (ODE error and
 exact W2 against NFE, log-log) goes to ``--plot`` (default ``_build/benchmarks/samplers.png``).
 
@@ -273,6 +274,28 @@ def grid_ratios(gauss, nfe: int = 10) -> None:
         print(f"{pname:<18}" + "".join(cells))
 
 
+VARIANCES = (4.0, 1.0, 0.25, 0.1, 1e-2, 1e-3, 1e-4)
+
+
+def variance_ratios(nfe: int = 10) -> None:
+    """Euler's ODE error over DPM-Solver++(2M)'s at ``nfe`` on N(0, s^2) in one dimension, per
+    process on the grids above: the ratio depends on the data's scale as much as on the solvers.
+    Under VP and VP-cosine, N(0, 1) is the stationary law, the PF-ODE velocity vanishes and
+    Euler's steps in t are exact (``test_steps_in_t_are_exact_on_the_stationary_law_of_vp``)."""
+    print(f"\nEuler's ODE error / DPM-Solver++(2M)'s at {nfe} NFE on N(0, s^2), 1-D, per process")
+    print(f"{'process':<18}" + "".join(f"{f's^2 = {v:g}':>13}" for v in VARIANCES))
+    for pname, process in ODE_PROCESSES.items():
+        cells = []
+        for variance in VARIANCES:
+            gauss = analytic.Gaussian(
+                torch.zeros(1, dtype=torch.float64),
+                torch.full((1, 1), variance, dtype=torch.float64),
+            )
+            error, ts = _ode_error(gauss, process), _grid(nfe, process)
+            cells.append(f"{error('euler', ts) / error('dpmpp_2m', ts):>13.2g}")
+        print(f"{pname:<18}" + "".join(cells))
+
+
 def plot(errors: dict, results: dict, path: pathlib.Path) -> None:
     import matplotlib
 
@@ -333,6 +356,7 @@ def main() -> None:
             ratios = (e / d for e, d in zip(table[first], table["dpmpp_2m"], strict=True))
             print(f"{pname:<18}" + "".join(f"{r:>10.1f}" for r in ratios))
     grid_ratios(gauss)
+    variance_ratios()
 
     i = NFES.index(10)
     print("\ntargets")
@@ -343,6 +367,10 @@ def main() -> None:
             f"  [{mark}] {pname}: at 10 NFE, DPM-Solver++(2M) error {dpmpp:.2e} vs Euler's "
             f"{euler:.2e} (ratio {euler / dpmpp:.1f}, target >= 10)"
         )
+    print(
+        "  (the ratio depends on the data's scale: under VP and VP-cosine, Euler's steps in t are"
+        "\n   exact on N(0, 1), whose paths stand still; see the table of variances above)"
+    )
     for name, us in per_step.items():
         if us > 50:
             print(f"  [MISSED] {name}: own time {us:.1f} us per step (target <= 50)")

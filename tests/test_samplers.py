@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from diffcore import analytic, metrics, processes, samplers
+from tests.conftest import PROCESSES
 
 ALWAYS_STOCHASTIC = ("ddpm", "euler_maruyama", "pc", "annealed_langevin")
 # ddim (eta > 0) and heun (s_churn > 0) are stochastic through an option
@@ -211,6 +212,64 @@ def test_ddim_is_euler_in_edm_variables(process):
         x_hat = x_hat + (level[i + 1] - level[i]) * (x_hat - d) / level[i]
     ddim = samplers.ddim(model, x, ts, process, eta=0.0)
     torch.testing.assert_close(ddim, a[-1] * x_hat, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["ddim", "dpm_solver_1", "dpm_solver_2", "dpm_solver_3", "dpmpp_2m", "dpmpp_3m", "unipc"]
+    + ["plms"],
+)
+def test_exponential_integrators_are_exact_on_a_point_mass(process, name):
+    """Data at one point m: D = m for every x and t, and the PF-ODE path is the forward noising
+    x_t = alpha_t m + sigma_t eps with eps = (x_0 - alpha_0 m) / sigma_0 fixed.  A solver that
+    integrates the linear part exactly and only approximates the integral of D makes no error,
+    whatever its steps; PLMS, which combines noise predictions, sees the constant eps."""
+    m = torch.tensor([0.7, -1.2], dtype=torch.float64)
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ts = samplers.time_grid(process, 7, kind="uniform", t_min=1e-3, t_max=0.9)
+    out = samplers.SAMPLERS[name](lambda y, t: m.expand_as(y), x, ts, process)
+    a, s = process.alpha(ts), process.sigma(ts)
+    expected = a[-1] * m + s[-1] * (x - a[0] * m) / s[0]
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["euler", "heun"])
+@pytest.mark.parametrize("process_name", ["vp", "vp_cosine"])
+def test_steps_in_t_are_exact_on_the_stationary_law_of_vp(name, process_name):
+    """On N(0, I) data, under VP, D = alpha x and the PF-ODE velocity
+    (sigma'/sigma) x + alpha lam' D = -(sigma'/sigma)(alpha^2 + sigma^2 - 1) x vanishes: the
+    paths stand still, and Euler's and Heun's steps in t are exact.  DDIM is not: its step is
+    (sigma_s sigma_t + alpha_s alpha_t) x = cos(theta_t - theta_s) x, theta = atan(sigma/alpha),
+    so it shrinks x by prod cos(dtheta).  No solver in lam can beat Euler here, which is why
+    "2M is ten times as accurate as Euler" depends on the data's scale."""
+    process = PROCESSES[process_name]
+    gaussian = analytic.Gaussian(torch.zeros(2), torch.eye(2))
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ts = samplers.time_grid(process, 7, kind="logsnr", t_min=1e-3, t_max=1.0)
+    model = gaussian.denoiser(process)
+    torch.testing.assert_close(gaussian.pf_ode_map(x, ts[0], ts[-1], process), x)
+    out = samplers.SAMPLERS[name](model, x, ts, process)
+    torch.testing.assert_close(out, x, rtol=1e-12, atol=1e-12)
+    theta = torch.atan2(process.sigma(ts), process.alpha(ts))
+    shrink = torch.prod(torch.cos(theta[:-1] - theta[1:]))
+    ddim = samplers.ddim(model, x, ts, process)
+    torch.testing.assert_close(ddim, shrink * x, rtol=1e-12, atol=1e-12)
+    # log cos is concave, so over a turn of theta_0 - theta_7 (nearly pi/2) the product is
+    # largest for equal steps: DDIM loses at least 1 - cos(turn / 7)^7, some 16% of |x|
+    turn = float(theta[0] - theta[-1])
+    assert float(shrink) <= math.cos(turn / 7) ** 7 < 0.85, (float(shrink), turn)
+
+
+@pytest.mark.parametrize("name", ["euler", "heun"])
+def test_steps_in_t_are_exact_on_a_point_mass_under_linear(name):
+    """Under Linear (alpha = 1 - t, sigma = t) the paths of a point mass m are straight lines
+    x_t = (1 - t) m + t eps, run at the constant speed (x - m)/t = eps - m."""
+    process = PROCESSES["linear"]
+    m = torch.tensor([0.7, -1.2], dtype=torch.float64)
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ts = samplers.time_grid(process, 7, kind="uniform", t_min=1e-3, t_max=1.0)
+    out = samplers.SAMPLERS[name](lambda y, t: m.expand_as(y), x, ts, process)
+    torch.testing.assert_close(out, m + ts[-1] * (x - m), rtol=1e-12, atol=1e-12)
 
 
 def _replay(noises):
