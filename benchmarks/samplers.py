@@ -23,8 +23,8 @@ and, under VP:
 It then prints Euler's and DDIM's ODE errors over DPM-Solver++(2M)'s per process and NFE (DDIM
 is Euler's method in EDM's variables), Euler's over 2M's at 10 NFE on each kind of time grid
 and on one-dimensional Gaussians N(0, s^2) of variances 4 to 1e-4 (under VP, N(0, 1) makes
-Euler's steps in t exact), and checks two targets: at 10 NFE, DPM-Solver++(2M)'s ODE error is at most 1/10 of Euler's
-(per process); each sampler's own time is at most 50 us per step.  The plot (ODE error and
+Euler's steps in t exact), and checks two targets: at 10 NFE, DPM-Solver++(2M)'s ODE error is
+at most 1/10 of Euler's (per process); each sampler's own time is at most 50 us per step.  The plot (ODE error and
 exact W2 against NFE, log-log) goes to ``--plot`` (default ``_build/benchmarks/samplers.png``).
 
 Run: ``.venv/bin/python benchmarks/samplers.py [--plot PATH]``
@@ -285,13 +285,13 @@ def variance_ratios(nfe: int = 10) -> None:
     print(f"\nEuler's ODE error / DPM-Solver++(2M)'s at {nfe} NFE on N(0, s^2), 1-D, per process")
     print(f"{'process':<18}" + "".join(f"{f's^2 = {v:g}':>13}" for v in VARIANCES))
     for pname, process in ODE_PROCESSES.items():
-        cells = []
+        cells, ts = [], _grid(nfe, process)
         for variance in VARIANCES:
             gauss = analytic.Gaussian(
                 torch.zeros(1, dtype=torch.float64),
                 torch.full((1, 1), variance, dtype=torch.float64),
             )
-            error, ts = _ode_error(gauss, process), _grid(nfe, process)
+            error = _ode_error(gauss, process)
             cells.append(f"{error('euler', ts) / error('dpmpp_2m', ts):>13.2g}")
         print(f"{pname:<18}" + "".join(cells))
 
