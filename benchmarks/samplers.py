@@ -33,7 +33,6 @@ Run: ``.venv/bin/python benchmarks/samplers.py [--plot PATH]``
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import os
 import pathlib
@@ -75,10 +74,7 @@ def _steps(name: str, nfe: int) -> int:
 
 
 def _run(name, model, x, ts, generator=None, process=PROCESS):
-    options = _options(name)
-    if "generator" in inspect.signature(samplers.SAMPLERS[name]).parameters:
-        options["generator"] = generator
-    return samplers.SAMPLERS[name](model, x, ts, process, **options)
+    return samplers.SAMPLERS[name](model, x, ts, process, generator=generator, **_options(name))
 
 
 def _grid(steps: int, process=PROCESS):

@@ -10,7 +10,8 @@ classifier and classifier-free guidance (:mod:`diffcore.guidance`) and flow maps
 models, CTM and MeanFlow (:mod:`diffcore.flowmap`); and inverse problems with diffusion
 priors, PnP and exact posteriors (:mod:`diffcore.inverse`).  The pictures the chapters share,
 exact densities on a grid, images tiled into one array and figures redrawn by sliders, are in
-:mod:`diffcore.plot`.
+:mod:`diffcore.plot`; what the chapters' checks and sweeps share (seeded draws, errors against
+an exact answer, sweeps over the number of model calls, explorers) in :mod:`diffcore.lab`.
 """
 
 from diffcore import (
@@ -19,6 +20,7 @@ from diffcore import (
     flowmap,
     guidance,
     inverse,
+    lab,
     likelihood,
     metrics,
     nets,
@@ -35,6 +37,7 @@ __all__ = [
     "flowmap",
     "guidance",
     "inverse",
+    "lab",
     "likelihood",
     "metrics",
     "nets",

@@ -22,7 +22,17 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from diffcore._checks import as_time, per_sample
+from diffcore.checks import (
+    Deferred,
+    as_time,
+    count,
+    finite,
+    floating,
+    noise_level,
+    per_sample,
+    positive,
+    time_grid,
+)
 from diffcore.processes import Process
 from diffcore.targets import convert
 
@@ -30,20 +40,25 @@ __all__ = ["GaussianMixture", "Gaussian"]
 
 
 def _float_tensor(value, name: str) -> Tensor:
-    t = torch.as_tensor(value)
-    if not t.is_floating_point():
+    """A parameter as a finite float32 or float64 tensor (integers and lists are converted to
+    the default dtype)."""
+    try:
+        t = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{name} must be a tensor of numbers, got {name} = {value!r}") from err
+    if not (t.is_floating_point() or t.is_complex()):
         t = t.to(torch.get_default_dtype())
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} must be finite, got {name} = {t}")
-    return t
+    return finite(floating(t, name), name)
 
 
 class GaussianMixture:
     r"""The data law :math:`p_0 = \sum_k w_k \mathcal N(\mu_k, \Sigma_k)` and all its diffused marginals.
 
     Shapes: ``means`` ``(K, d)``, ``covs`` ``(K, d, d)`` symmetric positive definite,
-    ``weights`` ``(K,)`` positive and summing to 1.  Computations follow the dtype and
-    device of the input ``x``.
+    ``weights`` ``(K,)`` positive and summing to 1: finite tensors or nested lists (integers
+    are converted to the default dtype; float16 and bfloat16 are refused).  Computations
+    follow the dtype and device of the input ``x``, which must be a finite float32 or float64
+    tensor.
     """
 
     def __init__(self, means, covs, weights):
@@ -101,23 +116,28 @@ class GaussianMixture:
         return self._cache[key]
 
     def _flat(self, x: Tensor) -> Tensor:
-        if not isinstance(x, Tensor) or x.ndim < 2 or math.prod(x.shape[1:]) != self.dim:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        floating(x, "x")
+        if x.ndim < 2 or math.prod(x.shape[1:]) != self.dim:
+            shape = tuple(x.shape)
             raise ValueError(
                 f"x must have shape (batch, {self.dim}) or (batch, ...) with {self.dim} entries "
                 f"per sample, got {shape}"
             )
         return x.reshape(x.shape[0], self.dim)
 
-    def _diffused(self, x: Tensor, t, process: Process):
+    def _diffused(self, x: Tensor, t, process: Process, name: str = "t"):
         """Coordinates of ``x - alpha_t mu_k`` in each eigenbasis, and the variances there.
 
+        ``x`` is checked (finite) together with ``t``, one synchronisation for both.
         Shapes: returns ``z`` ``(B, K, d)``, ``var`` ``(B or 1, K, d)``, ``alpha`` and ``sigma``
         broadcastable to ``(B, K, d)``.
         """
         xf = self._flat(x)
+        check = Deferred()
+        check.finite(xf, "x")
+        t = check.time(t, like=xf, name=name)
+        check.done()
         means, _, evals, evecs = self._on(xf)
-        t = as_time(t, like=xf)
         shape3 = xf[:, None, :]
         a = per_sample(process.alpha(t), shape3)
         s = per_sample(process.sigma(t), shape3)
@@ -163,8 +183,9 @@ class GaussianMixture:
 
     def responsibilities(self, x: Tensor, t, process: Process) -> Tensor:
         """Posterior component probabilities :math:`p(k \\mid x_t = x)`, shape ``(B, K)``."""
+        comp = self.component_log_prob(x, t, process)
         _, weights, _, _ = self._on(x)
-        logits = torch.log(weights) + self.component_log_prob(x, t, process)
+        logits = torch.log(weights) + comp
         return torch.exp(logits - torch.logsumexp(logits, dim=-1, keepdim=True))
 
     def log_prob(self, x: Tensor, t, process: Process, label=None) -> Tensor:
@@ -212,8 +233,7 @@ class GaussianMixture:
 
     def sample(self, n: int, generator: torch.Generator | None = None, return_labels: bool = False):
         """``n`` samples of the data law, shape ``(n, d)`` (and their component labels ``(n,)``)."""
-        if not (isinstance(n, int) and n >= 1):
-            raise ValueError(f"n must be a positive integer, got n = {n!r}")
+        n = count(n, "n")
         device = generator.device if generator is not None else self.means.device
         means, weights, evals, evecs = (
             p.to(device) for p in (self.means, self.weights, self._evals, self._evecs)
@@ -233,14 +253,13 @@ class GaussianMixture:
             raise ValueError(
                 f"A must be a matrix of shape (m, d) = (m, {self.dim}), got {tuple(A.shape)}"
             )
-        if isinstance(sigma_y, Tensor) and sigma_y.numel() == 1:
-            sigma_y = float(sigma_y)
-        if not (isinstance(sigma_y, (int, float)) and math.isfinite(sigma_y) and sigma_y > 0):
+        sigma_y = noise_level(sigma_y, "sigma_y")
+        if sigma_y == 0:
             raise ValueError(
-                f"sigma_y must be a positive finite number (the posterior of a noiseless "
-                f"measurement is singular), got sigma_y = {sigma_y!r}"
+                "sigma_y must be a positive finite number (the posterior of a noiseless "
+                "measurement is singular), got sigma_y = 0.0"
             )
-        return A, float(sigma_y)
+        return A, positive(sigma_y, "sigma_y")
 
     def _posterior_parts(self, A: Tensor, sigma_y: float):
         r"""Per component: the evidence covariance's Cholesky factor, the Kalman gain and the
@@ -389,7 +408,7 @@ class Gaussian(GaussianMixture):
         Shapes: ``x`` ``(batch, ...)``; ``s`` and ``t`` floats, ``()`` or ``(batch,)``;
         returns the shape of ``x``.
         """
-        z_s, var_s, _, _ = self._diffused(x, s, process)
+        z_s, var_s, _, _ = self._diffused(x, s, process, name="s")
         xf = self._flat(x)
         means, _, evals, evecs = self._on(xf)
         t = as_time(t, like=xf)
@@ -406,10 +425,11 @@ class Gaussian(GaussianMixture):
         What a perfect solver would return: the exact teacher of the flow-map losses
         (``teacher=`` in :mod:`diffcore.flowmap`), or the exact tail of
         :func:`~diffcore.samplers.gaussian_skip`.  Shapes: ``x`` ``(batch, ...)``, ``ts`` a
-        decreasing 1-D grid; returns the shape of ``x``.
+        decreasing 1-D grid (checked: an increasing one raises); returns the shape of ``x``.
         """
 
         def solver(model: Callable, x: Tensor, ts: Tensor, process: Process) -> Tensor:
+            ts = time_grid(ts)
             return self.pf_ode_map(x, ts[0], ts[-1], process)
 
         return solver

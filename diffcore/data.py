@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffcore.analytic import GaussianMixture
+from diffcore.checks import count, finite, one_of, positive, real
 
 __all__ = [
     "two_moons",
@@ -44,12 +45,6 @@ __all__ = [
     "cifar10",
     "skimage_image",
 ]
-
-
-def _count(n) -> int:
-    if not (isinstance(n, int) and n >= 1):
-        raise ValueError(f"n must be a positive integer, got n = {n!r}")
-    return n
 
 
 def _uniform(n: int, generator, *shape) -> Tensor:
@@ -84,7 +79,7 @@ def two_moons(n: int, generator: torch.Generator | None = None) -> Tensor:
     :math:`(1 - \cos\theta, \tfrac12 - \sin\theta)`, :math:`\theta \sim U[0, \pi]`, each with
     probability 1/2.  Shapes: returns ``(n, 2)``.
     """
-    n = _count(n)
+    n = count(n, "n")
     theta = math.pi * _uniform(n, generator)
     lower = _integers(2, n, generator).bool()
     x = torch.where(lower, 1 - torch.cos(theta), torch.cos(theta))
@@ -114,7 +109,7 @@ def swiss_roll(n: int, generator: torch.Generator | None = None) -> Tensor:
     Gaussian noise of std 0.5 (in the units of :math:`\theta`), then standardised.
     Shapes: returns ``(n, 2)``.
     """
-    n = _count(n)
+    n = count(n, "n")
     theta = _SWISS_A + (_SWISS_B - _SWISS_A) * _uniform(n, generator)
     points = torch.stack([theta * torch.cos(theta), theta * torch.sin(theta)], 1)
     points = points + SWISS_NOISE * _normal(n, generator, 2)
@@ -131,7 +126,7 @@ def eight_gaussians(n: int, generator: torch.Generator | None = None) -> Tensor:
     Equal weights; :math:`\mathbb E\lVert x\rVert^2 = 2 + 2/16`.  Its exact model is
     :func:`eight_gaussians_mixture`.  Shapes: returns ``(n, 2)``.
     """
-    n = _count(n)
+    n = count(n, "n")
     angle = math.pi / 4 * _integers(8, n, generator).to(torch.float64)
     centre = EIGHT_RADIUS * torch.stack([torch.cos(angle), torch.sin(angle)], 1)
     return (centre + EIGHT_STD * _normal(n, generator, 2)).to(torch.get_default_dtype())
@@ -144,7 +139,7 @@ def checkerboard(n: int, generator: torch.Generator | None = None) -> Tensor:
     :math:`i + j` is even; each coordinate is then uniform on [-2, 2] (variance 4/3).
     Shapes: returns ``(n, 2)``.
     """
-    n = _count(n)
+    n = count(n, "n")
     i = _integers(4, n, generator)
     j = i % 2 + 2 * _integers(2, n, generator)  # i + j even
     points = torch.stack([i, j], 1).to(torch.float64) - 2 + _uniform(n, generator, 2)
@@ -153,8 +148,7 @@ def checkerboard(n: int, generator: torch.Generator | None = None) -> Tensor:
 
 # -- exact mixtures ----------------------------------------------------------------------------
 def _isotropic_mixture(means: Tensor, std: float) -> GaussianMixture:
-    if not std > 0:
-        raise ValueError(f"std must be positive, got std = {std}")
+    std = positive(std, "std")
     k, d = means.shape
     covs = std**2 * torch.eye(d, dtype=torch.float64).expand(k, d, d).clone()
     return GaussianMixture(means, covs, torch.full((k,), 1 / k, dtype=torch.float64))
@@ -164,7 +158,8 @@ def ring_mixture(
     k: int = 8, radius: float = EIGHT_RADIUS, std: float = EIGHT_STD
 ) -> GaussianMixture:
     r"""``k`` equal-weight Gaussians :math:`\mathcal N(r(\cos\tfrac{2\pi j}{k}, \sin\tfrac{2\pi j}{k}), s^2 I)`, 2-D."""
-    _count(k)
+    count(k, "k")
+    radius = real(radius, "radius")
     angle = 2 * math.pi * torch.arange(k, dtype=torch.float64) / k
     return _isotropic_mixture(radius * torch.stack([torch.cos(angle), torch.sin(angle)], 1), std)
 
@@ -176,7 +171,8 @@ def eight_gaussians_mixture() -> GaussianMixture:
 
 def grid_mixture(n: int = 5, spacing: float = 0.7, std: float = 0.1) -> GaussianMixture:
     """``n * n`` equal-weight Gaussians of std ``std`` on a centred square grid, 2-D."""
-    _count(n)
+    count(n, "n")
+    spacing = real(spacing, "spacing")
     line = spacing * (torch.arange(n, dtype=torch.float64) - (n - 1) / 2)
     means = torch.cartesian_prod(line, line)
     return _isotropic_mixture(means, std)
@@ -196,12 +192,13 @@ def fit_gaussian_mixture(
     """
     from sklearn.mixture import GaussianMixture as SklearnMixture
 
-    _count(k)
+    count(k, "k")
+    count(max_iter, "max_iter")
     if not (isinstance(x, Tensor) and x.ndim >= 2 and x.shape[0] >= k):
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"x must be a tensor (N, ...) with N >= k = {k}, got {shape}")
-    if not reg_covar > 0:
-        raise ValueError(f"reg_covar must be positive, got reg_covar = {reg_covar}")
+    finite(x, "x")
+    positive(reg_covar, "reg_covar")
     data = x.detach().flatten(1).cpu().double().numpy()
     em = SklearnMixture(
         k, covariance_type="full", reg_covar=reg_covar, random_state=seed, max_iter=max_iter
@@ -216,12 +213,6 @@ def fit_gaussian_mixture(
 
 
 # -- images ------------------------------------------------------------------------------------
-def _size(size, minimum: int = 1) -> int:
-    if not (isinstance(size, int) and size >= minimum):
-        raise ValueError(f"size must be an integer >= {minimum}, got size = {size!r}")
-    return size
-
-
 def digits(size: int = 8, split: str | None = None, normalize: bool = True):
     r"""scikit-learn's handwritten digits: ``(images (N, 1, size, size), labels (N,))``.
 
@@ -233,9 +224,8 @@ def digits(size: int = 8, split: str | None = None, normalize: bool = True):
     """
     from sklearn.datasets import load_digits
 
-    _size(size, minimum=8)
-    if split not in (None, "train", "test"):
-        raise ValueError(f"split must be None, 'train' or 'test', got split = {split!r}")
+    count(size, "size", low=8)
+    one_of(split, "split", (None, "train", "test"))
     bunch = load_digits()
     images = torch.as_tensor(bunch.images, dtype=torch.get_default_dtype())[:, None] / 16
     labels = torch.as_tensor(bunch.target, dtype=torch.int64)
@@ -259,8 +249,8 @@ def dequantize(x: Tensor, levels: int, generator: torch.Generator | None = None)
     dequantised data gives a bound on the discrete likelihood (Theis et al., 2016; see
     :func:`diffcore.likelihood.bits_per_dim`).  Shapes: any; returns the shape of ``x``.
     """
-    if not (isinstance(levels, int) and levels >= 2):
-        raise ValueError(f"levels must be an integer >= 2, got levels = {levels!r}")
+    count(levels, "levels", low=2)
+    finite(x, "x")
     device = generator.device if generator is not None else x.device
     u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
     return x + 2 / (levels - 1) * (u - 0.5)
@@ -339,8 +329,7 @@ def skimage_image(name: str, size: int | None = None) -> Tensor:
     import skimage.color
     import skimage.data
 
-    if name not in SKIMAGE_IMAGES:
-        raise ValueError(f"name must be one of {SKIMAGE_IMAGES}, got name = {name!r}")
+    one_of(name, "name", SKIMAGE_IMAGES)
     image = getattr(skimage.data, name)()
     if name == "astronaut":
         image = skimage.color.rgb2gray(image)  # float in [0, 1]
@@ -348,7 +337,7 @@ def skimage_image(name: str, size: int | None = None) -> Tensor:
         image = image / 255.0
     x = torch.as_tensor(image, dtype=torch.get_default_dtype())[None, None]
     if size is not None:
-        size = _size(size)
+        size = count(size, "size")
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
         x = x.clamp(0, 1)  # the filter weights are non-negative: this only removes round-off
     return x

@@ -44,11 +44,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffcore._checks import as_time, per_sample, positive
 from diffcore.analytic import Gaussian
+from diffcore.checks import (
+    Deferred,
+    as_time,
+    between,
+    count,
+    finite,
+    per_sample,
+    positive,
+    returned,
+)
 from diffcore.nets import sinusoidal_embedding
 from diffcore.processes import Linear, Process
-from diffcore.samplers import SAMPLERS, _noise_source, check_time_grid
+from diffcore.samplers import SAMPLERS, check_time_grid
+from diffcore.stepping import grid_points, noise_source, noising_step
 from diffcore.train import EMA
 
 __all__ = [
@@ -145,9 +155,11 @@ def exact_flow_map(
     data.  Shapes: ``x`` ``(B, ...)``; ``s``, ``t`` one time each; returns ``(B, ...)``.
     """
     s, t = _one_time(s, "s"), _one_time(t, "t")
-    if not (isinstance(n_steps, int) and n_steps >= 1):
-        raise ValueError(f"n_steps must be a positive integer, got n_steps = {n_steps!r}")
+    n_steps = count(n_steps, "n_steps")
     run = _solver(solver, "solver")
+    finite(x, "x")
+    if not callable(denoiser):
+        raise TypeError(f"denoiser must be a function D(x, t), got {type(denoiser).__name__}")
     if s < t:
         raise ValueError(
             f"exact_flow_map integrates from s down to t <= s, got s = {s} < t = {t}: the "
@@ -155,7 +167,12 @@ def exact_flow_map(
         )
     if s == t:
         return x
-    return run(denoiser, x, _logsnr_grid(process, s, t, n_steps), process)
+
+    def checked(x_: Tensor, t_) -> Tensor:
+        return returned(denoiser(x_, t_), x_, "denoiser")
+
+    out = run(checked, x, _logsnr_grid(process, s, t, n_steps), process)
+    return returned(out, x, "solver")
 
 
 def exact_average_velocity(gaussian: Gaussian, process: Process | None = None) -> Callable:
@@ -204,12 +221,12 @@ class TwoTimeMLP(nn.Module):
     def __init__(self, dim: int, hidden: int = 128, depth: int = 3, time_embedding: int = 32):
         super().__init__()
         for name, value in (("dim", dim), ("hidden", hidden), ("depth", depth)):
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"{name} must be a positive integer, got {name} = {value!r}")
-        if not (
-            isinstance(time_embedding, int) and time_embedding >= 2 and time_embedding % 2 == 0
-        ):
-            raise ValueError(f"time_embedding must be an even integer >= 2, got {time_embedding!r}")
+            count(value, name)
+        if count(time_embedding, "time_embedding", low=2) % 2:
+            raise ValueError(
+                f"time_embedding must be an even integer >= 2, got time_embedding = "
+                f"{time_embedding!r}"
+            )
         self.dim, self.time_features = dim, time_embedding
         self.time = nn.Sequential(
             nn.Linear(2 * time_embedding, hidden), nn.SiLU(), nn.Linear(hidden, hidden)
@@ -219,6 +236,7 @@ class TwoTimeMLP(nn.Module):
         self.out = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor, t, s) -> Tensor:
+        finite(x, "x")
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (batch, {self.dim}), got {tuple(x.shape)}")
         features = [
@@ -286,10 +304,13 @@ class ConsistencyModel(nn.Module):
         self._kappa = float(process.sigma(t_end)) / self._alpha_end
 
     def forward(self, x: Tensor, t) -> Tensor:
-        t_ = as_time(t, like=x)
+        check = Deferred()
+        check.finite(x, "x")
+        t_ = check.time(t, like=x)
+        check.done()
         a, s = per_sample(self.process.alpha(t_), x), per_sample(self.process.sigma(t_), x)
         c_skip, c_out, c_in = _edm_scalings(a, s, self.sigma_data, self._kappa, self._alpha_end)
-        return c_skip * x + c_out * self.net(c_in * x, t)
+        return c_skip * x + c_out * returned(self.net(c_in * x, t), x, "net")
 
 
 class TrajectoryModel(nn.Module):
@@ -314,14 +335,29 @@ class TrajectoryModel(nn.Module):
         self.sigma_data = positive(sigma_data, "sigma_data")
 
     def forward(self, x: Tensor, t, s) -> Tensor:
-        t_, s_ = as_time(t, like=x), as_time(s, like=x, name="s")
+        check = Deferred()
+        check.finite(x, "x")
+        t_, s_ = check.time(t, like=x), check.time(s, like=x, name="s")
+        check.require(s_ <= t_, lambda: _later_error(s_, t_))
+        check.done()
         a_t, s_t = (per_sample(c, x) for c in (self.process.alpha(t_), self.process.sigma(t_)))
         a_s, s_s = (per_sample(c, x) for c in (self.process.alpha(s_), self.process.sigma(s_)))
         # sigma_s / sigma_t, and 1 where sigma_t = 0 (then t = s = 0 and G(x, 0, 0) = x)
         ratio = torch.where(s_t > 0, s_s / torch.where(s_t > 0, s_t, torch.ones_like(s_t)), 1.0)
         c_skip, c_out, c_in = _edm_scalings(a_t, s_t, self.sigma_data)
-        g = c_skip * x + c_out * self.net(c_in * x, t, s)
+        g = c_skip * x + c_out * returned(self.net(c_in * x, t, s), x, "net")
         return ratio * x + (a_s - a_t * ratio) * g
+
+
+def _later_error(s: Tensor, t: Tensor) -> ValueError:
+    """The error for a target time ``s`` after the state's time ``t`` (G maps towards data)."""
+    s_, t_ = torch.broadcast_tensors(s, t)
+    bad = s_ > t_
+    first = tuple(int(i) for i in bad.nonzero()[0]) if bad.ndim else ()
+    return ValueError(
+        f"s must be <= t (G(x, t, s) maps towards the data), got s = {float(s_[first]):.6g} > "
+        f"t = {float(t_[first]):.6g}"
+    )
 
 
 # -- shared pieces of the losses ---------------------------------------------------------------
@@ -330,7 +366,9 @@ def _draw(draw: Callable, shape, generator, like: Tensor, **kw) -> Tensor:
     return draw(*shape, generator=generator, device=device, **kw).to(like.device)
 
 
-def _grid(ts, x0: Tensor) -> Tensor:
+def _grid(ts, x0: Tensor, name: str = "x0") -> Tensor:
+    """The checked grid ``ts`` in ``x0``'s dtype, after checking ``x0`` (finite data)."""
+    finite(x0, name)
     ts = check_time_grid(ts)
     return ts.to(dtype=x0.dtype, device=x0.device)
 
@@ -355,7 +393,8 @@ def _teacher_solve(solver, denoiser, x, start: Tensor, stop: Tensor, ts: Tensor,
     for m in range(int(start.min()), int(stop.max())):
         active = (start <= m) & (stop > m)
         if bool(active.any()):
-            x[active] = solver(denoiser, x[active], ts[m : m + 2], process)
+            part = x[active]
+            x[active] = returned(solver(denoiser, part, ts[m : m + 2], process), part, "teacher")
     return x
 
 
@@ -399,8 +438,8 @@ def with_ema_target(loss: Callable, student: nn.Module, decay: float = 0.9) -> C
 # -- consistency models ------------------------------------------------------------------------
 def _consistency_loss(student, target, x_t, t, x_s, s) -> Tensor:
     with torch.no_grad():
-        y = target(x_s, s)
-    return _squared(student(x_t, t), y)
+        y = returned(target(x_s, s), x_s, "target")
+    return _squared(returned(student(x_t, t), x_t, "student"), y)
 
 
 def consistency_distillation_loss(
@@ -461,11 +500,11 @@ def consistency_training_loss(
 
 
 def _renoise(process: Process, x: Tensor, s: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-    r"""A draw of :math:`x_t \mid x_s` (``s <= t``) by the forward process:
+    r"""A draw of :math:`x_t \mid x_s` (``s <= t``) by the forward process, the shared
+    :func:`~diffcore.stepping.noising_step`:
     :math:`(\alpha_t/\alpha_s) x_s + \sigma_t\sqrt{1 - e^{-2(\lambda_s - \lambda_t)}}\,z`."""
-    ratio = process.alpha(t) / process.alpha(s)
-    std = process.sigma(t) * torch.sqrt(-torch.expm1(-2 * (process.lam(s) - process.lam(t))))
-    return ratio * x + std * noise
+    low, high = grid_points(process, torch.stack([s, t]).reshape(2), x)
+    return noising_step(x, low, high, noise)
 
 
 def consistency_sample(
@@ -487,12 +526,12 @@ def consistency_sample(
     before :math:`f(\cdot, \tau_{i+1})`, else ``torch.randn`` with ``generator``.  Shapes:
     ``x`` ``(B, ...)`` at ``ts[0]``; returns ``(B, ...)`` at ``ts[-1]``.
     """
-    ts = _grid(ts, x)
+    ts = _grid(ts, x, "x")
     _check_end(f, ts, "f")
-    noise = _noise_source(x, generator, noise_sampler)
-    x = f(x, ts[0])
+    noise = noise_source(x, generator, noise_sampler)
+    x = returned(f(x, ts[0]), x, "f")
     for i, tau in enumerate(ts[1:-1]):
-        x = f(_renoise(process, x, ts[-1], tau, noise(i, x.shape)), tau)
+        x = f(_renoise(process, x, ts[-1], tau, noise(i)), tau)
     return x
 
 
@@ -535,8 +574,10 @@ def ctm_loss(
     end = ts[-1].expand(batch)
     with torch.no_grad():
         x_u = _teacher_solve(run, teacher_denoiser, x_t, i, k, ts, process)
-        y = target(target(x_u, ts[k], ts[j]), ts[j], end)
-    return _squared(_frozen(target)(G(x_t, ts[i], ts[j]), ts[j], end), y)
+        y = returned(target(x_u, ts[k], ts[j]), x_u, "target")
+        y = returned(target(y, ts[j], end), y, "target")
+    jump = returned(G(x_t, ts[i], ts[j]), x_t, "G")
+    return _squared(_frozen(target)(jump, ts[j], end), y)
 
 
 def ctm_sample(
@@ -560,22 +601,21 @@ def ctm_sample(
     renoising is CTM's :math:`x + \gamma\,\sigma_{t_{i+1}} z`.  Shapes: ``x`` ``(B, ...)`` at ``ts[0]``;
     returns ``(B, ...)`` at ``ts[-1]``.
     """
-    if not (isinstance(gamma, (int, float)) and 0 <= gamma <= 1):
-        raise ValueError(f"gamma must lie in [0, 1], got gamma = {gamma!r}")
-    ts = _grid(ts, x)
-    noise = _noise_source(x, generator, noise_sampler)
+    gamma = between(gamma, "gamma", 0, 1)
+    ts = _grid(ts, x, "x")
+    noise = noise_source(x, generator, noise_sampler)
     n = len(ts) - 1
     for i in range(n):
         t, t_next = ts[i], ts[i + 1]
         if gamma == 0 or i == n - 1:
-            x = G(x, t, t_next)
+            x = returned(G(x, t, t_next), x, "G")
             continue
         if gamma == 1:
             s = ts[-1]
         else:  # lam_s = lam_{t_next} - log sqrt(1 - gamma^2)
             lam = process.lam(t_next) - 0.5 * math.log1p(-(gamma**2))
             s = process.t_of_lam(lam).clamp(min=ts[-1], max=t_next)
-        x = _renoise(process, G(x, t, s), s, t_next, noise(i, x.shape))
+        x = _renoise(process, returned(G(x, t, s), x, "G"), s, t_next, noise(i))
     return x
 
 
@@ -596,7 +636,9 @@ def total_derivative(u: Callable, z: Tensor, t: Tensor, s, v: Tensor) -> tuple[T
         # torch's first forward-mode call scripts its JVP decompositions and warns that
         # torch.jit.script is deprecated: torch's own code, nothing to act on here
         warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)
-        return torch.func.jvp(lambda z_, t_: u(z_, t_, s), (z, t), (v, torch.ones_like(t)))
+        return torch.func.jvp(
+            lambda z_, t_: returned(u(z_, t_, s), z_, "u"), (z, t), (v, torch.ones_like(t))
+        )
 
 
 def meanflow_loss(
@@ -623,8 +665,8 @@ def meanflow_loss(
     out).  Draws: the times, the ``p_equal`` coin, then :math:`\varepsilon`.  Shapes: ``x0``
     ``(B, ...)``; returns a scalar.
     """
-    if not (isinstance(p_equal, (int, float)) and 0 <= p_equal <= 1):
-        raise ValueError(f"p_equal must lie in [0, 1], got p_equal = {p_equal!r}")
+    p_equal = between(p_equal, "p_equal", 0, 1)
+    finite(x0, "x0")
     process = process or Linear()
     batch = x0.shape[0]
     pair = _draw(torch.rand, (batch, 2), generator, x0, dtype=x0.dtype)
@@ -648,7 +690,7 @@ def meanflow_sample(u: Callable, x: Tensor, ts: Tensor) -> Tensor:
     Exact for the exact average velocity, whatever the steps; ``ts = [1, 0]`` is one-step
     generation.  Shapes: ``x`` ``(B, ...)`` at ``ts[0]``; returns ``(B, ...)`` at ``ts[-1]``.
     """
-    ts = _grid(ts, x)
+    ts = _grid(ts, x, "x")
     for t, s in zip(ts[:-1], ts[1:], strict=True):
-        x = x - (t - s) * u(x, t, s)
+        x = x - (t - s) * returned(u(x, t, s), x, "u")
     return x

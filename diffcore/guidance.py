@@ -38,13 +38,22 @@ so the gap can be measured.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from diffcore._checks import as_time, per_sample
 from diffcore.analytic import Gaussian, GaussianMixture
+from diffcore.checks import (
+    as_time,
+    count,
+    one_of,
+    per_sample,
+    require,
+    returned,
+    returned_shape,
+)
 from diffcore.processes import Linear, Process
 from diffcore.targets import TARGETS, convert
 
@@ -63,10 +72,10 @@ _DATA = Linear()
 
 
 def _check_weight(w, low: float) -> float:
-    if not (
-        isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= low
-    ):
-        raise ValueError(f"w must be a finite number >= {low:g}, got w = {w!r}")
+    need = f"a finite number >= {low:g}"
+    if isinstance(w, bool) or not isinstance(w, numbers.Real):
+        raise TypeError(f"w must be {need}, got w = {w!r}")
+    require(math.isfinite(w) and w >= low, "w", w, need)
     return float(w)
 
 
@@ -126,8 +135,7 @@ def exact_conditional_model(
     ``label=None`` is the unconditional model (a network's null label), an index the
     component's.  It carries ``n_classes = K``.  Shapes: ``x`` ``(B, ...)``; returns the same.
     """
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got target = {target!r}")
+    one_of(target, "target", TARGETS)
 
     def model(x: Tensor, t, label=None) -> Tensor:
         return convert(mixture.denoise(x, t, process, label), "x0", target, x, t, process)
@@ -147,12 +155,7 @@ def classifier_gradient(log_prob_class: Callable, x: Tensor, t, label) -> Tensor
     """
     with torch.enable_grad():
         x_in = x if x.requires_grad else x.detach().requires_grad_(True)
-        log_p = log_prob_class(x_in, t, label)
-        if log_p.shape != (x.shape[0],):
-            raise ValueError(
-                f"log_prob_class must return one value per sample, shape ({x.shape[0]},), "
-                f"got {tuple(log_p.shape)}"
-            )
+        log_p = returned_shape(log_prob_class(x_in, t, label), (x.shape[0],), "log_prob_class")
         (grad,) = torch.autograd.grad(log_p.sum(), x_in, create_graph=x.requires_grad)
     return grad
 
@@ -177,7 +180,7 @@ def classifier_guided_denoiser(
     _check_label(label, getattr(log_prob_class, "n_classes", None))
 
     def guided(x: Tensor, t) -> Tensor:
-        d = denoiser(x, t)
+        d = returned(denoiser(x, t), x, "denoiser")
         if w == 0:
             return d
         t_ = as_time(t, like=x)
@@ -204,14 +207,14 @@ def cfg_denoiser(model: Callable, process: Process, label, w: float, target: str
     ``label``: an int or ``(B,)``, in ``[0, model.n_classes)`` when the model says its count.
     Shapes: ``D(x, t)`` maps ``x`` ``(B, ...)`` to ``(B, ...)``.
     """
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got target = {target!r}")
+    one_of(target, "target", TARGETS)
     w = _check_weight(w, -1.0)
     _check_label(label, getattr(model, "n_classes", None))
 
     def guided(x: Tensor, t) -> Tensor:
-        cond = model(x, t, label)
-        pred = cond + w * (cond - model(x, t, None))  # written so that w = 0 returns cond exactly
+        cond = returned(model(x, t, label), x, "model")
+        uncond = returned(model(x, t, None), x, "model")
+        pred = cond + w * (cond - uncond)  # written so that w = 0 returns cond exactly
         return convert(pred, target, "x0", x, t, process)
 
     return guided
@@ -262,23 +265,23 @@ def sample_tilted(
     """
     w = _check_weight(w, -1.0)
     label = _single_label(label, mixture)
-    if not (isinstance(n, int) and n >= 1):
-        raise ValueError(f"n must be a positive integer, got n = {n!r}")
+    n = count(n, "n")
+    max_rounds = count(max_rounds, "max_rounds")
     if w >= 0:
         proposal, power = Gaussian(mixture.means[label], mixture.covs[label]), w
     else:
         proposal, power = mixture, 1 + w
     log_class = exact_class_log_prob(mixture, _DATA)
-    kept, count = [], 0
+    kept, accepted = [], 0
     for _ in range(max_rounds):
         x = proposal.sample(n, generator=generator)
         u = torch.rand(n, generator=generator, dtype=x.dtype, device=x.device)
         accept = torch.log(u) < power * log_class(x, 0.0, label)
         kept.append(x[accept])
-        count += int(accept.sum())
-        if count >= n:
+        accepted += int(accept.sum())
+        if accepted >= n:
             return torch.cat(kept)[:n]
     raise ValueError(
-        f"sample_tilted accepted {count} of {n * max_rounds} proposals for w = {w}: the "
+        f"sample_tilted accepted {accepted} of {n * max_rounds} proposals for w = {w}: the "
         f"acceptance rate is too small; lower w or raise max_rounds"
     )

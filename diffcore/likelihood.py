@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from diffcore.analytic import GaussianMixture
+from diffcore.checks import count, finite, floating, one_of, real, returned, returned_shape
 from diffcore.processes import Process
 from diffcore.samplers import time_grid
 from diffcore.targets import pf_ode_velocity
@@ -44,9 +45,23 @@ def value_and_divergence(fn: Callable, x: Tensor, probes: Tensor | None = None):
     ``fn`` must treat samples independently (no batch statistics).  Shapes: ``x``
     ``(batch, ...)``; returns ``fn(x)`` (shape of ``x``) and ``(batch,)``, both detached.
     """
+    finite(x, "x")
+    if probes is not None:
+        finite(probes, "probes")
+        if probes.ndim != x.ndim + 1 or probes.shape[1:] != x.shape or len(probes) == 0:
+            raise ValueError(
+                f"probes must have shape (n, *x.shape) = (n, {', '.join(map(str, x.shape))}) with "
+                f"n >= 1, got probes of shape {tuple(probes.shape)}"
+            )
+    return _value_and_divergence(fn, x, probes)
+
+
+def _value_and_divergence(fn: Callable, x: Tensor, probes: Tensor | None):
+    """:func:`value_and_divergence` without the checks of its inputs (made once per solve by
+    :func:`log_likelihood`, not at each of its steps); ``fn``'s output shape is checked."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        value = fn(x)
+        value = returned(fn(x), x, "fn")
         if probes is None:
             flat = value.flatten(1)
             div = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
@@ -60,6 +75,14 @@ def value_and_divergence(fn: Callable, x: Tensor, probes: Tensor | None = None):
                 div = div + (grad * v).flatten(1).sum(1)
             div = div / len(probes)
     return value.detach(), div.detach()
+
+
+def _check_batch(x, name: str) -> Tensor:
+    """A batch ``(batch, ...)`` of finite real float32 or float64 data, batch >= 1."""
+    if isinstance(x, Tensor) and (x.ndim < 2 or x.shape[0] == 0):
+        raise ValueError(f"{name} must be a floating tensor (batch, ...), got {tuple(x.shape)}")
+    finite(floating(x, name), name)
+    return x
 
 
 def _probes(kind: str, n: int, x: Tensor, generator) -> Tensor:
@@ -114,21 +137,25 @@ def log_likelihood(
     ``mixture.log_prob(x, t_min, process)`` up to the integrator's :math:`O(h^4)` error.
     Shapes: ``x`` ``(batch, ...)``; returns ``(batch,)``.
     """
-    if not (isinstance(x, Tensor) and x.is_floating_point() and x.ndim >= 2):
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"x must be a floating tensor (batch, ...), got {shape}")
-    if divergence not in ("exact", "hutchinson"):
-        raise ValueError(f"divergence must be 'exact' or 'hutchinson', got {divergence!r}")
-    if probe not in ("rademacher", "gaussian"):
-        raise ValueError(f"probe must be 'rademacher' or 'gaussian', got probe = {probe!r}")
-    if not (isinstance(n_probes, int) and n_probes >= 1):
-        raise ValueError(f"n_probes must be a positive integer, got n_probes = {n_probes!r}")
+    _check_batch(x, "x")
+    one_of(divergence, "divergence", ("exact", "hutchinson"))
+    one_of(probe, "probe", ("rademacher", "gaussian"))
+    n_probes = count(n_probes, "n_probes")
+    n_steps = count(n_steps, "n_steps")
+    real(t_min, "t_min")
+    real(t_max, "t_max")
+    if not 0 <= t_min < t_max <= 1:
+        raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min = {t_min}, t_max = {t_max}")
+    if prior is not None and not (isinstance(prior, GaussianMixture) or callable(prior)):
+        raise TypeError(
+            f"prior must be None, a GaussianMixture or a function x -> (batch,), got {prior!r}"
+        )
     ts = time_grid(process, n_steps, kind=grid, t_min=t_min, t_max=t_max, dtype=x.dtype)
     ts = ts.flip(0).to(x.device)  # increasing: from the data towards the noise
     probes = _probes(probe, n_probes, x, generator) if divergence == "hutchinson" else None
 
     def rhs(state: Tensor, t: Tensor):
-        return value_and_divergence(
+        return _value_and_divergence(
             lambda y: pf_ode_velocity(denoiser, y, t, process), state, probes
         )
 
@@ -147,7 +174,7 @@ def log_likelihood(
     elif isinstance(prior, GaussianMixture):
         prior_log_prob = prior.log_prob(x, ts[-1], process)
     else:
-        prior_log_prob = prior(x)
+        prior_log_prob = returned_shape(prior(x), (x.shape[0],), "prior")
     return prior_log_prob + integral
 
 
@@ -176,9 +203,9 @@ def elbo_end_terms(
     :func:`bits_per_dim` for discrete data).  Shapes: ``x0`` ``(batch, ...)``; returns two
     ``(batch,)`` tensors.
     """
-    if not (isinstance(x0, Tensor) and x0.is_floating_point() and x0.ndim >= 2):
-        shape = tuple(x0.shape) if isinstance(x0, Tensor) else type(x0).__name__
-        raise ValueError(f"x0 must be a floating tensor (batch, ...), got {shape}")
+    _check_batch(x0, "x0")
+    real(t_min, "t_min")
+    real(t_max, "t_max")
     if not (0 < t_min < t_max <= 1):
         raise ValueError(f"need 0 < t_min < t_max <= 1, got t_min = {t_min}, t_max = {t_max}")
     snr_end = float((process.alpha(t_max) / process.sigma(t_max)) ** 2)
@@ -207,9 +234,8 @@ def bits_per_dim(log_prob: Tensor, d: int, levels: int = 256) -> Tensor:
     dequantisation noise, this bounds the discrete negative log-likelihood from above;
     Theis et al., 2016.)  Shapes: ``log_prob`` any; returns the same shape.
     """
-    if not (isinstance(d, int) and d >= 1):
-        raise ValueError(f"d must be a positive integer, got d = {d!r}")
-    if not (isinstance(levels, int) and levels >= 2):
-        raise ValueError(f"levels must be an integer >= 2, got levels = {levels!r}")
+    d = count(d, "d")
+    levels = count(levels, "levels", low=2)
+    floating(log_prob, "log_prob")
     log_bin = math.log(2 / (levels - 1))
     return (-log_prob / d - log_bin) / math.log(2)

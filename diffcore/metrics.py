@@ -14,7 +14,6 @@ r"""Distances between laws: exact ones between Gaussians, and sample-based ones.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 
 import torch
@@ -22,6 +21,7 @@ from torch import Tensor
 
 from diffcore import samplers as _samplers
 from diffcore.analytic import Gaussian
+from diffcore.checks import count, finite, positive
 from diffcore.processes import Process
 
 __all__ = [
@@ -69,17 +69,19 @@ def sampler_output_law(
                 f"sampler = {sampler!r}"
             )
         sampler = _samplers.SAMPLERS[sampler]
+    if not callable(sampler):
+        raise TypeError(f"sampler must be a callable or a name, got {type(sampler).__name__}")
     if not isinstance(gaussian, Gaussian):
         raise ValueError(f"gaussian must be an analytic.Gaussian, got {type(gaussian).__name__}")
     if start not in STARTS:
         raise ValueError(f"start must be one of {STARTS}, got start = {start!r}")
-    params = inspect.signature(sampler).parameters
-    for name in options:
-        if name not in params or name in ("model", "x", "ts", "process", "noise_sampler"):
-            raise ValueError(
-                f"{name!r} is not an option of {getattr(sampler, '__name__', sampler)} here "
-                f"(its options: {[p for p in params if p not in ('model', 'x', 'ts', 'process')]})"
-            )
+    if isinstance(sampler, _samplers.Sampler):  # its facts say which options it takes
+        allowed = (*sampler.options, "denoise_last")
+        for name in options:
+            if name not in allowed:
+                raise ValueError(
+                    f"{name!r} is not an option of {sampler.name} here (its options: {allowed})"
+                )
     ts = _samplers.check_time_grid(ts).to(torch.float64)
     dtype = torch.float64
     d = gaussian.dim
@@ -97,8 +99,7 @@ def sampler_output_law(
         noises.append(z)
         return z
 
-    if "noise_sampler" in params:
-        options["noise_sampler"] = tracked_zeros
+    options["noise_sampler"] = tracked_zeros  # every sampler takes the one noise hook
     x = mean0.clone()[None].requires_grad_(True)
     with torch.enable_grad():
         y = sampler(gaussian.denoiser(process), x, ts, process, **options).reshape(d)
@@ -120,17 +121,58 @@ def sampler_output_law(
     return y.detach(), 0.5 * (cov + cov.T)
 
 
-def _sqrtm_psd(mat: Tensor) -> Tensor:
-    """Symmetric square root of a symmetric positive semi-definite matrix, via eigh."""
+def _psd_tolerance(dtype: torch.dtype) -> float:
+    r"""How far below 0 (relative to :math:`\lVert C\rVert_2`) an eigenvalue of a covariance may
+    fall, and how far from symmetric (relative to its largest entry) it may be, in ``dtype``:
+    :math:`\sqrt{\epsilon}` (1.5e-8 in float64, 3.5e-4 in float32).
+
+    A covariance assembled in floating point from :math:`n` products (an empirical covariance
+    of :math:`n` samples, :math:`J C J^\top`, a sum of outer products) differs from the exact,
+    positive semi-definite one by up to about :math:`n\,\epsilon\lVert C\rVert` (Higham,
+    *Accuracy and Stability of Numerical Algorithms*, 3.1), and a symmetric eigensolver adds
+    :math:`O(d\,\epsilon\lVert C\rVert_2)`; :math:`\sqrt\epsilon` covers :math:`n` up to
+    :math:`1/\sqrt\epsilon` (6.7e7 in float64).  A larger negative eigenvalue, or asymmetry,
+    is not round-off but a wrong matrix.
+    """
+    return torch.finfo(dtype).eps ** 0.5
+
+
+def _sqrtm_psd(mat: Tensor, name: str = "cov") -> Tensor:
+    """Symmetric square root of a symmetric positive semi-definite matrix, via eigh.
+
+    Raises if ``mat`` is not symmetric, or has an eigenvalue below 0, beyond round-off
+    (:func:`_psd_tolerance`); eigenvalues below 0 within it are clamped to 0.
+    """
+    tol = _psd_tolerance(mat.dtype)
+    scale = float(mat.abs().amax()) if mat.numel() else 0.0
+    asymmetry = float((mat - mat.transpose(-1, -2)).abs().amax()) if mat.numel() else 0.0
+    if asymmetry > tol * scale:
+        raise ValueError(
+            f"{name} must be symmetric, got max |{name} - {name}.T| = {asymmetry:.3g} for "
+            f"entries up to {scale:.3g}"
+        )
     evals, evecs = torch.linalg.eigh(0.5 * (mat + mat.transpose(-1, -2)))
+    norm = float(evals.abs().amax()) if evals.numel() else 0.0
+    smallest = float(evals.amin()) if evals.numel() else 0.0
+    if smallest < -tol * norm:
+        raise ValueError(
+            f"{name} must be positive semi-definite, got an eigenvalue {smallest:.6g} of {name} "
+            f"(largest magnitude {norm:.6g}; round-off in {mat.dtype} stays above "
+            f"{-tol * norm:.3g})"
+        )
     return (evecs * evals.clamp(min=0).sqrt().unsqueeze(-2)) @ evecs.transpose(-1, -2)
 
 
-def _check_law(mean: Tensor, cov: Tensor, name: str) -> None:
+def _check_law(mean: Tensor, cov: Tensor, i: int) -> None:
+    finite(mean, f"mean{i}")
+    finite(cov, f"cov{i}")
     if mean.ndim != 1 or cov.shape != (mean.shape[0], mean.shape[0]):
         raise ValueError(
-            f"{name}: need mean (d,) and cov (d, d), got {tuple(mean.shape)} and {tuple(cov.shape)}"
+            f"mean{i} and cov{i} must have shapes (d,) and (d, d), got {tuple(mean.shape)} and "
+            f"{tuple(cov.shape)}"
         )
+    if mean.is_complex() or cov.is_complex():
+        raise TypeError(f"mean{i} and cov{i} must be real, got {mean.dtype} and {cov.dtype}")
 
 
 def gaussian_w2(mean1: Tensor, cov1: Tensor, mean2: Tensor, cov2: Tensor) -> Tensor:
@@ -147,16 +189,21 @@ def gaussian_w2(mean1: Tensor, cov1: Tensor, mean2: Tensor, cov2: Tensor) -> Ten
     themselves, where the trace form subtracts traces of size :math:`\operatorname{tr} C` and
     so cannot resolve distances below about :math:`\sqrt{10^{-16}\operatorname{tr} C}` in
     float64.  Here the round-off is a few ulps of :math:`\lVert C^{1/2}\rVert`.  Square roots
-    from ``eigh``, negative round-off eigenvalues clamped to 0.  Shapes: ``mean`` ``(d,)``,
-    ``cov`` ``(d, d)``; returns a 0-d tensor.
+    from ``eigh``, negative round-off eigenvalues clamped to 0.  A covariance that is not
+    symmetric, or has an eigenvalue below :math:`-\sqrt{\epsilon}\,\lVert C\rVert_2` with
+    :math:`\epsilon` the machine epsilon of its dtype, is refused: a covariance assembled from
+    :math:`n` products is off by about :math:`n\epsilon\lVert C\rVert`, so
+    :math:`\sqrt\epsilon` leaves room for :math:`n` up to :math:`1/\sqrt\epsilon` (6.7e7 in
+    float64), and a more negative eigenvalue is a wrong matrix, not round-off.  Shapes:
+    ``mean`` ``(d,)``, ``cov`` ``(d, d)``; returns a 0-d tensor.
     """
-    _check_law(mean1, cov1, "first law")
-    _check_law(mean2, cov2, "second law")
+    _check_law(mean1, cov1, 1)
+    _check_law(mean2, cov2, 2)
     if mean1.shape != mean2.shape:
         raise ValueError(
             f"the laws must have the same dimension, got d = {mean1.shape[0]} and {mean2.shape[0]}"
         )
-    root1, root2 = _sqrtm_psd(cov1), _sqrtm_psd(cov2)
+    root1, root2 = _sqrtm_psd(cov1, "cov1"), _sqrtm_psd(cov2, "cov2")
     w, _, vh = torch.linalg.svd(root2 @ root1)
     gap = root1 - root2 @ (w @ vh)
     return ((mean1 - mean2).pow(2).sum() + gap.pow(2).sum()).sqrt()
@@ -167,6 +214,14 @@ def _check_samples(x: Tensor, y: Tensor, same_size: bool) -> None:
         if not isinstance(v, Tensor) or v.ndim != 2:
             shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
             raise ValueError(f"{name} must be a (n, d) tensor of samples, got {shape}")
+        if v.shape[0] == 0 or v.shape[1] == 0:
+            raise ValueError(
+                f"{name} must hold at least one sample of at least one coordinate, got {name} "
+                f"of shape {tuple(v.shape)}"
+            )
+        finite(v, name)
+        if v.is_complex():
+            raise TypeError(f"{name} must be real, got dtype {v.dtype}")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must have the same dimension, got {x.shape[1]} and {y.shape[1]}")
     if same_size and x.shape[0] != y.shape[0]:
@@ -192,8 +247,7 @@ def sliced_wasserstein(
     tensor.
     """
     _check_samples(x, y, same_size=True)
-    if not (isinstance(n_projections, int) and n_projections >= 1):
-        raise ValueError(f"n_projections must be a positive integer, got {n_projections!r}")
+    n_projections = count(n_projections, "n_projections")
     theta = torch.randn(
         x.shape[1], n_projections, generator=generator, dtype=x.dtype, device=x.device
     )
@@ -222,7 +276,7 @@ def mmd(x: Tensor, y: Tensor, bandwidths=(0.1, 0.2, 0.5, 1.0, 2.0, 5.0)) -> Tens
     if x.shape[0] < 2 or y.shape[0] < 2:
         raise ValueError(f"mmd needs at least 2 samples each, got {x.shape[0]} and {y.shape[0]}")
     widths = torch.as_tensor(bandwidths, dtype=x.dtype, device=x.device).reshape(-1)
-    if widths.numel() == 0 or not bool((widths > 0).all()):
+    if widths.numel() == 0 or not bool(((widths > 0) & torch.isfinite(widths)).all()):
         raise ValueError(f"bandwidths must be positive, got bandwidths = {bandwidths!r}")
 
     def kernel(a: Tensor, b: Tensor) -> Tensor:
@@ -252,12 +306,14 @@ def straightness(path: Tensor, ts: Tensor) -> Tensor:
     """
     if not (isinstance(ts, Tensor) and ts.ndim == 1 and ts.numel() >= 2):
         raise ValueError(f"ts must be a 1-d tensor of at least 2 times, got {ts!r}")
+    finite(ts, "ts")
     steps = ts.diff()
     if not (bool((steps > 0).all()) or bool((steps < 0).all())):
         raise ValueError(f"ts must be strictly monotone, got ts = {ts.tolist()}")
     if not (isinstance(path, Tensor) and path.ndim >= 2 and path.shape[0] == ts.numel()):
         shape = tuple(path.shape) if isinstance(path, Tensor) else type(path).__name__
         raise ValueError(f"path must be (len(ts) = {ts.numel()}, batch, ...), got {shape}")
+    finite(path, "path")
     path = path.flatten(2)
     steps = steps.to(path)
     chord = (path[-1] - path[0]) / (ts[-1] - ts[0]).to(path)
@@ -301,8 +357,11 @@ def _check_images(x: Tensor, ref: Tensor, data_range) -> None:
         raise ValueError(
             f"x and ref must have the same shape, got {tuple(x.shape)} and {tuple(ref.shape)}"
         )
-    if not (isinstance(data_range, (int, float)) and data_range > 0):
-        raise ValueError(f"data_range must be a positive number, got data_range = {data_range!r}")
+    positive(data_range, "data_range")
+    for name, v in (("x", x), ("ref", ref)):
+        if v.is_complex():
+            raise TypeError(f"{name} must be real, got dtype {v.dtype}")
+        finite(v, name)
 
 
 def psnr(x: Tensor, ref: Tensor, data_range: float = 2.0) -> Tensor:

@@ -23,15 +23,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffcore._checks import as_time
+from diffcore.checks import Deferred, count, floating, positive
 
 __all__ = ["sinusoidal_embedding", "MLP", "UNet"]
 
 
-def _positive_int(name: str, value) -> int:
-    if not (isinstance(value, int) and value >= 1):
-        raise ValueError(f"{name} must be a positive integer, got {name} = {value!r}")
-    return value
+def _check_input(net: nn.Module, x) -> None:
+    """``x`` a float32 or float64 tensor on the device and in the dtype of the parameters."""
+    floating(x, "x")
+    param = next(net.parameters(), None)
+    if param is not None and (x.dtype != param.dtype or x.device != param.device):
+        raise TypeError(
+            f"x must have the dtype and device of the network's parameters, got x of dtype "
+            f"{x.dtype} on {x.device} for parameters of dtype {param.dtype} on {param.device}: "
+            f"move one of them (x.to(...) or net.to(...))"
+        )
 
 
 def sinusoidal_embedding(t: Tensor, features: int, max_period: float = 10_000.0) -> Tensor:
@@ -41,8 +47,10 @@ def sinusoidal_embedding(t: Tensor, features: int, max_period: float = 10_000.0)
     ``t`` from about 1e-3 to the whole of [0, 1].  Shapes: ``t`` ``(B,)``; returns
     ``(B, features)``.
     """
-    if features % 2:
+    if count(features, "features", low=2) % 2:
         raise ValueError(f"features must be even, got features = {features}")
+    max_period = positive(max_period, "max_period")
+    floating(t, "t")
     half = features // 2
     k = torch.arange(half, dtype=t.dtype, device=t.device)
     angles = 1000 * t[:, None] * torch.exp(-math.log(max_period) * k / half)
@@ -54,17 +62,20 @@ class _Embedding(nn.Module):
 
     def __init__(self, width: int, time_features: int, n_classes: int | None):
         super().__init__()
-        self.time_features = _positive_int("time_embedding", time_features)
+        self.time_features = count(time_features, "time_embedding")
         self.time = nn.Sequential(
             nn.Linear(time_features, width), nn.SiLU(), nn.Linear(width, width)
         )
-        self.n_classes = None if n_classes is None else _positive_int("n_classes", n_classes)
+        self.n_classes = None if n_classes is None else count(n_classes, "n_classes")
         # index n_classes is the null class: "no label", for classifier-free guidance
         self.label = None if n_classes is None else nn.Embedding(n_classes + 1, width)
 
     def forward(self, x: Tensor, t, label) -> Tensor:
         batch = x.shape[0]
-        t = as_time(t, like=x)
+        check = Deferred()
+        check.finite(x, "x")
+        t = check.time(t, like=x)
+        check.done()
         if t.ndim == 0 or t.shape == (1,):
             t = t.reshape(()).expand(batch)
         elif t.shape != (batch,):
@@ -135,15 +146,16 @@ class MLP(_Conditional):
         n_classes: int | None = None,
     ):
         super().__init__()
-        self.dim = _positive_int("dim", dim)
-        _positive_int("hidden", hidden)
-        _positive_int("depth", depth)
+        self.dim = count(dim, "dim")
+        count(hidden, "hidden")
+        count(depth, "depth")
         self.embed = _Embedding(hidden, time_embedding, n_classes)
         self.inp = nn.Linear(dim, hidden)
         self.layers = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
         self.out = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor, t, label=None) -> Tensor:
+        _check_input(self, x)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (batch, {self.dim}), got {tuple(x.shape)}")
         c = self.embed(x, t, label)
@@ -213,10 +225,12 @@ class UNet(_Conditional):
         n_classes: int | None = None,
     ):
         super().__init__()
-        self.channels = _positive_int("channels", channels)
-        _positive_int("base", base)
-        if not (len(mults) >= 1 and all(isinstance(m, int) and m >= 1 for m in mults)):
+        self.channels = count(channels, "channels")
+        count(base, "base")
+        if not (isinstance(mults, (tuple, list)) and len(mults) >= 1):
             raise ValueError(f"mults must be a non-empty tuple of positive integers, got {mults!r}")
+        for i, m in enumerate(mults):
+            count(m, f"mults[{i}]")
         self.levels = len(mults)
         widths = [base * m for m in mults]
         self.embed = _Embedding(4 * base, time_embedding, n_classes)
@@ -237,6 +251,7 @@ class UNet(_Conditional):
         )
 
     def forward(self, x: Tensor, t, label=None) -> Tensor:
+        _check_input(self, x)
         factor = 2 ** (self.levels - 1)
         if x.ndim != 4 or x.shape[1] != self.channels or x.shape[2] % factor or x.shape[3] % factor:
             raise ValueError(

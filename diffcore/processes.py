@@ -20,7 +20,17 @@ import math
 import torch
 from torch import Tensor
 
-from diffcore._checks import as_time, per_sample, positive, same_shape
+from diffcore.checks import (
+    Deferred,
+    as_time,
+    between,
+    count,
+    float_dtype,
+    per_sample,
+    positive,
+    same_shape,
+    sizes,
+)
 
 __all__ = [
     "Process",
@@ -78,11 +88,16 @@ class Process:
     def marginal(self, x0: Tensor, t, noise: Tensor) -> Tensor:
         """Sample of :math:`x_t` given :math:`x_0`: ``alpha_t * x0 + sigma_t * noise``.
 
-        Shapes: ``x0`` and ``noise`` are ``(batch, ...)``; ``t`` is a float, ``()`` or
-        ``(batch,)``; returns ``(batch, ...)``.
+        ``x0`` and ``noise`` must be finite float32 or float64 tensors (an integer ``x0`` would
+        take ``t`` in integers).  Shapes: ``x0`` and ``noise`` are ``(batch, ...)``; ``t`` is a
+        float, ``()`` or ``(batch,)``; returns ``(batch, ...)``.
         """
+        check = Deferred()
+        check.finite(x0, "x0")
+        check.finite(noise, "noise")
         same_shape(x0, noise, "x0", "noise")
-        t = as_time(t, like=x0)
+        t = check.time(t, like=x0)
+        check.done()
         return per_sample(self.alpha(t), x0) * x0 + per_sample(self.sigma(t), x0) * noise
 
     def prior_sample(self, shape, t=1.0, generator=None, dtype=None, device=None) -> Tensor:
@@ -90,9 +105,11 @@ class Process:
 
         This is the law of :math:`x_t` with the signal part :math:`\\alpha_t x_0` dropped, exact
         for :class:`Linear` at ``t = 1`` and accurate when :math:`\\alpha_t \\ll \\sigma_t`.
-        Shapes: returns a tensor of shape ``shape``.
+        Shapes: ``shape`` is an integer or a tuple of positive integers; returns a tensor of
+        that shape, of ``dtype`` (float32 or float64; None: the default dtype).
         """
-        dtype = dtype or torch.get_default_dtype()
+        shape = sizes(shape, "shape")
+        dtype = float_dtype(dtype)
         t = as_time(t, like=torch.empty((), dtype=dtype, device=device))
         if t.ndim:
             raise ValueError(f"prior_sample takes one time, got t of shape {tuple(t.shape)}")
@@ -105,11 +122,9 @@ class Process:
 
 
 def _as_tensor(value) -> Tensor:
-    return (
-        value
-        if isinstance(value, Tensor)
-        else torch.as_tensor(value, dtype=torch.get_default_dtype())
-    )
+    if isinstance(value, Tensor):
+        return value if value.is_floating_point() else value.to(torch.get_default_dtype())
+    return torch.as_tensor(value, dtype=torch.get_default_dtype())
 
 
 class VP(Process):
@@ -170,9 +185,7 @@ class VPCosine(Process):
 
     def __init__(self, s: float = 0.008, t_end: float = 0.9946):
         self.s = positive(s, "s")
-        if not (0 < t_end <= 1):
-            raise ValueError(f"t_end must lie in (0, 1], got t_end = {t_end!r}")
-        self.t_end = float(t_end)
+        self.t_end = between(t_end, "t_end", 0, 1, open_low=True)
         self._theta0 = 0.5 * math.pi * self.s / (1 + self.s)
         self._d_theta = 0.5 * math.pi * self.t_end / (1 + self.s)
 
@@ -255,9 +268,10 @@ class Linear(Process):
 
 def ddpm_betas(n_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
     """The linear DDPM schedule of Ho et al. (2020): ``betas``, shape ``(n_steps,)``, float64."""
-    if not (isinstance(n_steps, int) and n_steps >= 1):
-        raise ValueError(f"n_steps must be a positive integer, got n_steps = {n_steps!r}")
-    if not (0 < beta_start <= beta_end < 1):
+    n_steps = count(n_steps, "n_steps")
+    beta_start = between(beta_start, "beta_start", 0, 1, open_low=True, open_high=True)
+    beta_end = between(beta_end, "beta_end", 0, 1, open_low=True, open_high=True)
+    if not beta_start <= beta_end:
         raise ValueError(
             f"need 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}"
         )
@@ -270,8 +284,14 @@ def alphas_cumprod(betas: Tensor) -> Tensor:
     Shapes: ``betas`` is ``(N,)``; returns ``(N,)``.
     """
     betas = torch.as_tensor(betas, dtype=torch.float64)
-    if betas.ndim != 1 or not bool(((betas > 0) & (betas < 1)).all()):
-        raise ValueError(f"betas must be a 1-D tensor with entries in (0, 1), got {betas}")
+    if betas.ndim != 1:
+        raise ValueError(f"betas must be a 1-D tensor, got betas of shape {tuple(betas.shape)}")
+    bad = ~((betas > 0) & (betas < 1))  # True for NaN
+    if bool(bad.any()):
+        raise ValueError(
+            f"betas must be a 1-D tensor with entries in (0, 1), got betas[{int(bad.nonzero()[0])}]"
+            f" = {float(betas[bad][0])}"
+        )
     return torch.cumprod(1 - betas, dim=0)
 
 
@@ -291,8 +311,15 @@ class Discrete(Process):
             raise ValueError(
                 f"alphas_cumprod must be 1-D with at least 2 entries, got shape {tuple(ab.shape)}"
             )
-        if not bool(((ab > 0) & (ab < 1)).all()) or not bool((ab[1:] < ab[:-1]).all()):
-            raise ValueError("alphas_cumprod must lie in (0, 1) and decrease strictly")
+        bad = ~((ab > 0) & (ab < 1))  # True for NaN
+        bad[1:] |= ~(ab[1:] < ab[:-1])
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ValueError(
+                f"alphas_cumprod must lie in (0, 1) and decrease strictly, got "
+                f"alphas_cumprod[{i}] = {float(ab[i])}"
+                + (f" after alphas_cumprod[{i - 1}] = {float(ab[i - 1])}" if i else "")
+            )
         n = ab.numel()
         self.n_steps = n
         self._t = torch.arange(n + 1, dtype=torch.float64) / n

@@ -3,50 +3,77 @@ r"""Samplers: one signature for all, ``sampler(model, x, ts, process, **options)
 ``model(x, t)`` is the denoiser :math:`D(x, t) \approx \mathbb E[x_0 \mid x_t = x]` (see
 :func:`diffcore.targets.as_denoiser`), ``x`` the start state at time ``ts[0]``
 (``process.prior_sample``, or an exact sample of :math:`p_{t_0}`), and ``ts`` a strictly
-decreasing 1-D tensor of times from :func:`time_grid`.  ``SAMPLERS`` maps names to samplers.
+decreasing 1-D tensor of times from :func:`time_grid`.  Each sampler is its update, the
+monograph's formula for one step from :math:`t = t_i` to :math:`s = t_{i+1}`, handed to the
+stepping engine :func:`diffcore.stepping.integrate`, which owns the rest.  So every sampler
 
-Every sampler
+- returns the state *at* ``ts[-1]`` (an :math:`x_{t_{\min}}`, not a denoised sample, unless
+  ``t_min = 0`` and :math:`\sigma_0 = 0`); with ``denoise_last=True``, :math:`D(x, t_{\min})`;
+- takes the engine's options: ``generator`` and ``noise_sampler(i, shape)`` (the noise; the
+  deterministic samplers ignore them), ``callback(step)`` (a
+  :class:`~diffcore.stepping.Step` after every step; :class:`~diffcore.stepping.Trace` records
+  a run and counts its model calls), ``denoise_last`` and ``progress``;
+- is listed in :data:`SAMPLERS` with its facts (:class:`Sampler`: order, model calls per step,
+  stochastic or not, options), which :func:`model_calls`, the tests and the benchmarks read.
 
-- moves the state from ``ts[0]`` to ``ts[-1]`` and returns the state *at* ``ts[-1]`` (an
-  :math:`x_{t_{\min}}`, not a denoised sample, unless ``t_min = 0`` and :math:`\sigma_0 = 0`);
-  with ``denoise_last=True`` it returns :math:`D(x, t_{\min})` instead, one more model call;
-- calls ``callback(i, t, x)``, when given, after step ``i`` with the state ``x`` at
-  ``t = ts[i + 1]`` (to record a trajectory);
-- reads the schedule only through ``process``: :math:`\alpha_t`, :math:`\sigma_t`, their
-  derivatives and the log-SNR :math:`\lambda_t = \log(\alpha_t/\sigma_t)`, precomputed once on
-  the grid as Python floats so that a step costs a few fused tensor operations.
+In an update, ``k.t`` and ``k.s`` are the two ends (:class:`~diffcore.stepping.Point`: ``alpha``,
+``sigma``, ``lam``, their derivatives), ``k.h`` :math:`= \lambda_s - \lambda_t > 0`, ``k.D(x)``
+the model, ``k.noise()`` standard normal noise and ``k.history`` the earlier steps.  The
+exponential integrators integrate the linear part of the PF-ODE in data prediction exactly,
 
-The families.  PF-ODE solvers in ``t``: :func:`euler`, :func:`heun` (stochastic with EDM's
-churn).  Exponential integrators in :math:`\lambda`, with :math:`h_i = \lambda_{i+1} - \lambda_i > 0`:
-:func:`ddim` (``eta = 0``), :func:`dpm_solver_1`, :func:`dpm_solver_2`, :func:`dpm_solver_3`,
-:func:`dpmpp_2m`, :func:`dpmpp_3m`, :func:`unipc`, :func:`plms`.  Stochastic: :func:`ddpm`,
-:func:`ddim` (``eta > 0``), :func:`euler_maruyama`, :func:`pc`, :func:`annealed_langevin`.
-A step whose :math:`h` is infinite (to :math:`\sigma = 0` at ``t = 0``, or from
-:math:`\alpha = 0` at ``t = 1`` for :class:`~diffcore.processes.Linear`) is the exact limit of
-the first-order exponential step, :math:`x_{i+1} = \alpha_{i+1} D` (resp.
-:math:`\alpha_{i+1} D + \sigma_{i+1}\varepsilon`), as in k-diffusion.
+.. math:: x_s = \frac{\sigma_s}{\sigma_t}x_t + \sigma_s\int_{\lambda_t}^{\lambda_s}e^{\lambda}
+    \hat x_0(\lambda)\,d\lambda,
 
-Stochastic samplers draw their Gaussian noise from ``noise_sampler(i, shape)`` when given (``i``
-is the step; a sampler may draw several times per step), else from ``torch.randn`` with
-``generator``.  Replacing the noise is what lets :func:`diffcore.metrics.sampler_output_law`
-treat it as an input and compute a sampler's exact output law on Gaussian data.
+and differ in how they approximate :math:`\hat x_0` along the step; their coefficients are the
+small functions :func:`phi1`, :func:`phi2`, :func:`phi3`.  A step whose :math:`h` is infinite
+(to :math:`\sigma = 0` at ``t = 0``, or from :math:`\alpha = 0` at ``t = 1`` for
+:class:`~diffcore.processes.Linear`) is taken at first order, the exact limit
+:math:`x_s = \alpha_s\hat x_0`, as in k-diffusion.
+
+Replacing the noise through ``noise_sampler`` is what lets
+:func:`diffcore.metrics.sampler_output_law` treat it as an input and compute a sampler's exact
+output law on Gaussian data.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from diffcore._checks import as_time, require
+from diffcore.checks import count, finite, real, require
 from diffcore.processes import Process
+from diffcore.stepping import (  # Step, Trace, check_time_grid: re-exported for callers here
+    Point,
+    ddim_step,
+    eps_hat,
+    grid_points,
+    integrate,
+    noising_step,
+)
+from diffcore.stepping import (
+    Step as Step,
+)
+from diffcore.stepping import (
+    Trace as Trace,
+)
+from diffcore.stepping import (
+    check_time_grid as check_time_grid,
+)
 
 __all__ = [
     "time_grid",
-    "check_time_grid",
     "model_calls",
+    "Sampler",
+    "phi1",
+    "phi2",
+    "phi3",
+    "velocity",
+    "exponential_euler",
+    "dpmpp_3m_weights",
     "euler",
     "heun",
     "ddpm",
@@ -133,156 +160,85 @@ def time_grid(
     return check_time_grid(ts)
 
 
-def check_time_grid(ts) -> Tensor:
-    """Check that ``ts`` is a strictly decreasing 1-D tensor of at least two times in [0, 1]."""
-    if not isinstance(ts, Tensor):
-        ts = torch.as_tensor(ts, dtype=torch.float64)
-    if ts.ndim != 1 or ts.numel() < 2:
+# -- the pieces the updates share -------------------------------------------------------------
+def phi1(h: float) -> float:
+    r""":math:`\varphi_1(h) = 1 - e^{-h} = \int_0^h e^{u - h}\,du`: the weight of a frozen
+    :math:`\hat x_0` over a step of log-SNR length :math:`h` (1 at :math:`h = \infty`)."""
+    return -math.expm1(-h)
+
+
+def phi2(h: float) -> float:
+    r""":math:`\varphi_2(h) = 1 - \varphi_1(h)/h`, with :math:`h\varphi_2(h) = \int_0^h
+    e^{u - h}u\,du`: the weight of the first divided difference of :math:`\hat x_0`."""
+    return math.expm1(-h) / h + 1
+
+
+def phi3(h: float) -> float:
+    r""":math:`\varphi_3(h) = \varphi_2(h)/h - 1/2`, with :math:`-h^2\varphi_3(h) =
+    \int_0^h e^{u - h}\tfrac{u^2}{2}du`: the weight of the second divided difference."""
+    return phi2(h) / h - 0.5
+
+
+def velocity(x: Tensor, x0: Tensor, t: Point) -> Tensor:
+    r"""The PF-ODE velocity :math:`u = \dot\alpha_t\hat x_0 + \dot\sigma_t\hat\varepsilon` at the
+    point ``t``, from the state and its estimate of :math:`x_0`.  Shapes: ``(batch, ...)``."""
+    # = (sigma'/sigma) x + (alpha' - sigma' alpha / sigma) x0, in two fused passes
+    c_x = t.d_sigma / t.sigma
+    return torch.add(x * c_x, x0, alpha=t.d_alpha - c_x * t.alpha)
+
+
+def exponential_euler(x: Tensor, x0: Tensor, t: Point, s: Point) -> Tensor:
+    r"""The first-order exponential step (DDIM, DPM-Solver-1) from ``t`` to ``s`` with
+    :math:`\hat x_0` frozen: :math:`x_s = \frac{\sigma_s}{\sigma_t}x_t +
+    \alpha_s\varphi_1(\lambda_s - \lambda_t)\hat x_0`.  Shapes: ``(batch, ...)``."""
+    return torch.add(x * (s.sigma / t.sigma), x0, alpha=s.alpha * phi1(s.lam - t.lam))
+
+
+def _inner_points(process: Process, ts: Tensor, r: float, like: Tensor) -> list[Point]:
+    """The points at log-SNR lam_i + r h_i inside each step (t_i itself where h is infinite)."""
+    lam = process.lam(ts.to(torch.float64))
+    h = lam.diff()
+    finite = torch.isfinite(h)
+    inside = torch.where(finite, lam[:-1] + r * h, torch.zeros_like(h))
+    t_mid = torch.where(finite, process.t_of_lam(inside), ts[:-1].to(torch.float64)).clamp(0, 1)
+    return grid_points(process, t_mid, like)
+
+
+def _need_positive_alpha(name: str, process: Process, ts: Tensor, why: str) -> None:
+    a0 = float(process.alpha(ts[:1].to(torch.float64)))
+    if a0 <= 0:
         raise ValueError(
-            f"ts must be a 1-D tensor of at least 2 times, got shape {tuple(ts.shape)}"
-        )
-    as_time(ts, name="ts")
-    steps = ts[1:] - ts[:-1]
-    if not bool((steps < 0).all()):
-        i = int(torch.nonzero(steps >= 0)[0])
-        raise ValueError(
-            f"ts must decrease strictly, got ts[{i}] = {float(ts[i]):.6g} <= "
-            f"ts[{i + 1}] = {float(ts[i + 1]):.6g}"
-        )
-    return ts
-
-
-# -- shared pieces ---------------------------------------------------------------------------
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-
-
-def _is_count(value, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-def _prepare(ts, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-    """The checked grid in float64 (for the coefficients) and the model's times in x's dtype."""
-    ts = check_time_grid(ts)
-    return ts.to(torch.float64), list(ts.to(device=x.device, dtype=x.dtype).unbind())
-
-
-def _coefficients(process: Process, ts: Tensor) -> tuple[list[float], ...]:
-    """alpha, sigma and their time derivatives on the whole grid, computed once, as floats."""
-    coefs = (process.alpha(ts), process.sigma(ts), process.d_alpha(ts), process.d_sigma(ts))
-    return tuple(c.tolist() for c in coefs)
-
-
-def _log_snr(process: Process, ts: Tensor) -> list[float]:
-    """lam_t = log(alpha_t / sigma_t) on the grid as floats (+inf where sigma = 0, -inf where alpha = 0)."""
-    return process.lam(ts).tolist()
-
-
-def _scales(values, like: Tensor) -> list[Tensor]:
-    """Per-step multipliers of x as 0-d tensors in x's dtype and device, made once per run.
-
-    ``x * tensor`` costs half of ``x * float``, which wraps the float in a new tensor at every
-    call; weights of the other terms stay floats, passed free as ``alpha=`` of ``add``.
-    """
-    return list(torch.tensor(list(values), dtype=like.dtype, device=like.device).unbind())
-
-
-def _need_positive_alpha(name: str, a: list[float], ts: Tensor, why: str) -> None:
-    if a[0] <= 0:
-        raise ValueError(
-            f"{name} needs alpha > 0 on the grid ({why}), got alpha(ts[0]) = {a[0]:.6g} at "
+            f"{name} needs alpha > 0 on the grid ({why}), got alpha(ts[0]) = {a0:.6g} at "
             f"ts[0] = {float(ts[0]):.6g}: take t_max < {float(ts[0]):.6g}"
         )
 
 
-def _noise_source(x: Tensor, generator, noise_sampler) -> Callable:
-    """``noise(i, shape, std=None)``: ``noise_sampler(i, shape)`` if given, else standard normal
-    noise like ``x`` from ``generator``; with ``std``, ``std`` times it as a new tensor, which
-    the caller may update in place (drawn already scaled: one pass over memory fewer)."""
-    if noise_sampler is not None:
-
-        def given(i: int, shape, std: float | None = None) -> Tensor:
-            z = noise_sampler(i, shape)
-            return z if std is None else z * std
-
-        return given
-
-    def randn(i: int, shape, std: float | None = None) -> Tensor:
-        std = 1.0 if std is None else std
-        return torch.normal(0.0, std, shape, generator=generator, dtype=x.dtype, device=x.device)
-
-    return randn
-
-
-def _velocity_coefficients(a, s, da, ds) -> tuple[list[float], list[float]]:
-    """The PF-ODE velocity u = da D + ds (x - a D)/s = (ds/s) x + (da - ds a/s) D, as the two
-    per-time weights (nan where sigma = 0, a time at which no solver evaluates u)."""
-    c_x = [d_s / s_ if s_ > 0 else math.nan for s_, d_s in zip(s, ds, strict=True)]
-    c_d = [d_a - c * a_ for a_, d_a, c in zip(a, da, c_x, strict=True)]
-    return c_x, c_d
-
-
-def _exp_euler_weights(a: list[float], s: list[float], lam: list[float]):
-    """The first-order exponential step x_{i+1} = (sigma_{i+1}/sigma_i) x_i - alpha_{i+1}
-    expm1(-h_i) D_i on the grid: the ratios (as floats) and the weights of D."""
-    n = len(a) - 1
-    ratio = [s[i + 1] / s[i] for i in range(n)]
-    weight = [-a[i + 1] * math.expm1(-(lam[i + 1] - lam[i])) for i in range(n)]
-    return ratio, weight
-
-
-def _intermediate(process: Process, ts: Tensor, lam: list[float], r: float, like: Tensor):
-    """The times at log-SNR lam_i + r h_i inside each step, with their alpha and sigma as floats.
-
-    Steps with an infinite h (taken at first order) get t_i, unused.  Shapes: returns a list of
-    ``len(ts) - 1`` 0-d times in the dtype of ``like``, and two lists of floats.
-    """
-    lam = torch.tensor(lam, dtype=torch.float64)
-    h = lam.diff()
-    finite = torch.isfinite(h)
-    inside = torch.where(finite, lam[:-1] + r * h, torch.zeros_like(h))
-    t_mid = torch.where(finite, process.t_of_lam(inside), ts[:-1]).clamp(0, 1)
-    times = list(t_mid.to(device=like.device, dtype=like.dtype).unbind())
-    return times, process.alpha(t_mid).tolist(), process.sigma(t_mid).tolist()
-
-
-def _finish(model: Callable, x: Tensor, t: Tensor, denoise_last: bool) -> Tensor:
-    return model(x, t) if denoise_last else x
+def _checked_grid(ts: Tensor, x: Tensor) -> Tensor:
+    """The checked grid in float64, ``x`` checked too: samplers that precompute on the grid
+    call this first, so that bad input is refused before any work."""
+    finite(x, "x")
+    return check_time_grid(ts).to(torch.float64)
 
 
 # -- PF-ODE solvers in t -----------------------------------------------------------------------
-def euler(
-    model: Callable,
-    x: Tensor,
-    ts: Tensor,
-    process: Process,
-    *,
-    denoise_last: bool = False,
-    callback: Callable | None = None,
-) -> Tensor:
-    r"""Euler's method on the PF-ODE: :math:`x_{i+1} = x_i + (t_{i+1} - t_i)\,u(x_i, t_i)`.
+def euler(model: Callable, x: Tensor, ts: Tensor, process: Process, **run) -> Tensor:
+    r"""Euler's method on the PF-ODE: :math:`x_s = x_t + (s - t)\,u(x_t, t)`, with the velocity
+    :math:`u = \dot\alpha_t\hat x_0 + \dot\sigma_t\hat\varepsilon` (:func:`velocity`).
 
-    :math:`u = \dot\alpha_t \hat x_0 + \dot\sigma_t \hat\varepsilon` is the PF-ODE velocity.
-    Order 1; one model call per step.  Shapes: ``x`` ``(batch, ...)``; returns the same.
+    Order 1; one model call per step.  ``run``: the engine's options (module docstring).
+    Shapes: ``x`` ``(batch, ...)``; returns the same.
     """
-    ts, tm = _prepare(ts, x)
-    a, s, da, ds = _coefficients(process, ts)
-    c_x, c_d = _velocity_coefficients(a, s, da, ds)
-    t = ts.tolist()
-    h = [t[i + 1] - t[i] for i in range(len(t) - 1)]
-    keep = _scales((1 + h_i * c for h_i, c in zip(h, c_x, strict=False)), x)
-    for i in range(len(h)):
-        # x + h u = (1 + h c_x) x + h c_d D
-        x = torch.add(x * keep[i], model(x, tm[i]), alpha=h[i] * c_d[i])
-        if callback is not None:
-            callback(i, tm[i + 1], x)
-    return _finish(model, x, tm[-1], denoise_last)
+
+    def update(k, x):
+        return torch.add(x, velocity(x, k.D(x), k.t), alpha=k.s.t - k.t.t)  # x + (s - t) u
+
+    return integrate(update, model, x, ts, process, **run)
 
 
-def _churn(process: Process, ts: Tensor, lam: list[float], s_churn, s_tmin, s_tmax) -> Tensor:
+def _churn(process: Process, ts: Tensor, s_churn, s_tmin, s_tmax) -> Tensor:
     """EDM's raised times t_hat_i >= t_i: noise level sigma/alpha times (1 + gamma_i)."""
     n = len(ts) - 1
-    lam_t = torch.tensor(lam[:-1], dtype=torch.float64)
+    lam_t = process.lam(ts[:-1])
     level = torch.exp(-lam_t)  # sigma / alpha, the sigma of EDM
     inside = (level >= s_tmin) & (level <= s_tmax) & torch.isfinite(lam_t)
     gamma = torch.where(inside, min(s_churn / n, math.sqrt(2) - 1), 0.0)
@@ -300,21 +256,17 @@ def heun(
     s_tmin: float = 0.0,
     s_tmax: float = math.inf,
     s_noise: float = 1.0,
-    generator: torch.Generator | None = None,
-    noise_sampler: Callable | None = None,
-    denoise_last: bool = False,
-    callback: Callable | None = None,
+    **run,
 ) -> Tensor:
     r"""Heun's method (explicit trapezoid) on the PF-ODE, with EDM's churn (Karras et al., 2022, Alg. 2).
 
-    :math:`\tilde x = x_i + h\,u(x_i, t_i)`, then
-    :math:`x_{i+1} = x_i + \tfrac h2\,(u(x_i, t_i) + u(\tilde x, t_{i+1}))`, with
-    :math:`h = t_{i+1} - t_i`.  A step that ends where :math:`\sigma_t = 0` is an Euler step,
-    since the velocity is not defined there.  Order 2; two model calls per step, one fewer when
-    ``ts[-1]`` has :math:`\sigma = 0`.  The steps are taken in ``t`` on ``x``, as EDM's
-    Algorithm 1 does in a process's own time.  EDM's recommended sampler (and the Heun of
-    k-diffusion and diffusers) steps instead in the noise level
-    :math:`\bar\sigma = \sigma_t/\alpha_t` on :math:`x/\alpha_t`; the two coincide where
+    :math:`\tilde x = x_t + (s - t)\,u(x_t, t)`, then
+    :math:`x_s = x_t + \tfrac{s - t}2\,(u(x_t, t) + u(\tilde x, s))`.  A step that ends where
+    :math:`\sigma_s = 0` is an Euler step, since the velocity is not defined there.  Order 2;
+    two model calls per step, one fewer when ``ts[-1]`` has :math:`\sigma = 0`.  The steps are
+    taken in ``t`` on ``x``, as EDM's Algorithm 1 does in a process's own time.  EDM's
+    recommended sampler (and the Heun of k-diffusion and diffusers) steps instead in the noise
+    level :math:`\bar\sigma = \sigma_t/\alpha_t` on :math:`x/\alpha_t`; the two coincide where
     :math:`\alpha_t = 1` and :math:`\sigma_t = t`, not for :class:`~diffcore.processes.VE`,
     whose :math:`\sigma_t` is exponential in ``t``, nor for VP.  In those variables Euler's
     method is :func:`ddim`.
@@ -322,126 +274,71 @@ def heun(
     Churn (``s_churn > 0``): before step ``i``, where EDM's noise level
     :math:`\bar\sigma_i = \sigma_i/\alpha_i` lies in ``[s_tmin, s_tmax]``, the state is moved up
     to the noisier :math:`\hat t_i` with :math:`\bar\sigma_{\hat t} = (1 + \gamma)\bar\sigma_i`,
-    :math:`\gamma = \min(s_{\text{churn}}/N, \sqrt2 - 1)`, by the forward process itself:
-    :math:`\hat x = (\alpha_{\hat t}/\alpha_i) x_i + s_{\text{noise}}\,\sigma_{\hat t|t_i}\,z`
-    with :math:`\sigma_{\hat t|t_i}^2 = \sigma_{\hat t}^2(1 - e^{-2(\lambda_i - \lambda_{\hat t})})`;
-    the Heun step then runs from :math:`\hat t_i` to :math:`t_{i+1}`.  For VE this is EDM's
+    :math:`\gamma = \min(s_{\text{churn}}/N, \sqrt2 - 1)`, by the forward process itself
+    (:func:`~diffcore.stepping.noising_step`, noise scaled by ``s_noise``); the Heun step then
+    runs from :math:`\hat t_i` to :math:`t_{i+1}`.  For VE this is EDM's
     :math:`\hat x = x + \sqrt{\hat\sigma^2 - \sigma^2}\,S_{\text{noise}} z` exactly;
     :math:`\hat t` is capped at 1.  Shapes: ``x`` ``(batch, ...)``; returns the same.
     """
     for name, value in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_noise", s_noise)):
-        require(_is_real(value) and 0 <= value < math.inf, name, value, "finite and >= 0")
-    require(_is_real(s_tmax) and s_tmax >= s_tmin, "s_tmax", s_tmax, f">= s_tmin = {s_tmin}")
-    ts, tm = _prepare(ts, x)
-    a, s, da, ds = _coefficients(process, ts)
-    c_x, c_d = _velocity_coefficients(a, s, da, ds)
-    t = ts.tolist()
-    n = len(t) - 1
-    t_hat, tm_hat, c_x_hat, c_d_hat = t, tm, c_x, c_d  # the times the steps start from
+        require(real(value, name) >= 0, name, value, "finite and >= 0")
+    require(
+        isinstance(s_tmax, (int, float)) and s_tmax >= s_tmin,
+        "s_tmax",
+        s_tmax,
+        f">= s_tmin = {s_tmin}",
+    )
+    raised = None
     if s_churn > 0:
-        lam = _log_snr(process, ts)
-        raised = _churn(process, ts, lam, s_churn, s_tmin, s_tmax)
-        t_hat = raised.tolist()
-        tm_hat = list(raised.to(device=x.device, dtype=x.dtype).unbind())
-        a_hat, s_hat, da_hat, ds_hat = _coefficients(process, raised)
-        c_x_hat, c_d_hat = _velocity_coefficients(a_hat, s_hat, da_hat, ds_hat)
-        lam_hat = _log_snr(process, raised)
-        # forward noising from t_i to t_hat_i: x_hat = (alpha_hat/alpha_i) x + std z
-        up = _scales((a_hat[i] / a[i] if t_hat[i] > t[i] else 1.0 for i in range(n)), x)
-        std = [
-            s_noise * s_hat[i] * math.sqrt(-math.expm1(-2 * (lam[i] - lam_hat[i])))
-            for i in range(n)
-        ]
-        noise = _noise_source(x, generator, noise_sampler)
-    cx_hat, cx = _scales(c_x_hat, x), _scales(c_x, x)
-    for i in range(n):
-        if t_hat[i] > t[i]:  # churn
-            x = noise(i, x.shape, std[i]).add_(x * up[i])  # noise drawn scaled, then x added
-        h = t[i + 1] - t_hat[i]
-        u = torch.add(x * cx_hat[i], model(x, tm_hat[i]), alpha=c_d_hat[i])
-        x_euler = torch.add(x, u, alpha=h)
-        if s[i + 1] == 0:
-            x = x_euler
-        else:
-            u_next = torch.add(x_euler * cx[i + 1], model(x_euler, tm[i + 1]), alpha=c_d[i + 1])
-            x = torch.add(x, u.add_(u_next), alpha=0.5 * h)
-        if callback is not None:
-            callback(i, tm[i + 1], x)
-    return _finish(model, x, tm[-1], denoise_last)
+        ts = _checked_grid(ts, x)
+        raised = grid_points(process, _churn(process, ts, s_churn, s_tmin, s_tmax), x)
+
+    def update(k, x):
+        t = k.t
+        if raised is not None and raised[k.i].t > k.t.t:  # churn: noise up to t_hat
+            t = raised[k.i]
+            x = noising_step(x, k.t, t, k.noise(s_noise))
+        dt = k.s.t - t.t
+        u = velocity(x, k.D(x, t), t)
+        x_euler = torch.add(x, u, alpha=dt)  # x + dt u
+        if k.s.sigma == 0:
+            return x_euler
+        u_s = velocity(x_euler, k.D(x_euler, k.s), k.s)
+        return torch.add(x, u.add_(u_s), alpha=dt / 2)  # x + dt (u + u_s) / 2
+
+    return integrate(update, model, x, ts, process, **run)
 
 
 # -- stochastic samplers ---------------------------------------------------------------------
-def _ancestral_weights(a: list[float], s: list[float], lam: list[float]):
-    """DDPM's posterior step on the grid: x_{i+1} = ratio x_i + weight D_i + std z, with
-    ratio = (sigma_{i+1}/sigma_i) e^{-h}, weight = alpha_{i+1}(1 - e^{-2h}),
-    std = sigma_{i+1} sqrt(1 - e^{-2h})."""
-    ratio, weight, std = [], [], []
-    for i in range(len(a) - 1):
-        h = lam[i + 1] - lam[i]
-        keep = -math.expm1(-2 * h)  # 1 - e^{-2h}
-        ratio.append(s[i + 1] / s[i] * math.exp(-h))
-        weight.append(a[i + 1] * keep)
-        std.append(s[i + 1] * math.sqrt(keep))
-    return ratio, weight, std
+def ddpm(model: Callable, x: Tensor, ts: Tensor, process: Process, **run) -> Tensor:
+    r"""DDPM ancestral sampling (Ho et al., 2020): :math:`x_s \sim q(x_s \mid x_t, x_0 = \hat x_0)`.
 
-
-def ddpm(
-    model: Callable,
-    x: Tensor,
-    ts: Tensor,
-    process: Process,
-    *,
-    generator: torch.Generator | None = None,
-    noise_sampler: Callable | None = None,
-    denoise_last: bool = False,
-    callback: Callable | None = None,
-) -> Tensor:
-    r"""DDPM ancestral sampling (Ho et al., 2020): :math:`x_s \sim q(x_s \mid x_t, x_0 = D(x_t, t))`.
-
-    For :math:`s < t`, the forward process gives :math:`x_t \mid x_s \sim
+    For :math:`s < t` the forward process gives :math:`x_t \mid x_s \sim
     \mathcal N(\alpha_{t|s} x_s, \sigma_{t|s}^2 I)` with :math:`\alpha_{t|s} = \alpha_t/\alpha_s`,
-    :math:`\sigma_{t|s}^2 = \sigma_t^2 - \alpha_{t|s}^2\sigma_s^2 = \sigma_t^2(1 - e^{-2h})`,
-    :math:`h = \lambda_s - \lambda_t`, and the Gaussian posterior
+    :math:`\sigma_{t|s}^2 = \sigma_t^2(1 - e^{-2h})`, :math:`h = \lambda_s - \lambda_t`, and the
+    Gaussian posterior
 
     .. math::
-        x_s &= \frac{\alpha_{t|s}\sigma_s^2}{\sigma_t^2} x_t
-            + \frac{\alpha_s\sigma_{t|s}^2}{\sigma_t^2} D
-            + \frac{\sigma_{t|s}\sigma_s}{\sigma_t} z \\
-            &= \frac{\sigma_s}{\sigma_t}e^{-h} x_t + \alpha_s(1 - e^{-2h}) D
-            + \sigma_s\sqrt{1 - e^{-2h}}\, z,
+        x_s = \alpha_s\hat x_0 + \sigma_s e^{-h}\,\hat\varepsilon + \sigma_s\sqrt{1 - e^{-2h}}\,z,
 
-    the second form free of cancellation (and exact at :math:`h = \infty`).  Any process; one
-    model call per step; first order in law.  Shapes: ``x`` ``(batch, ...)``; returns the same.
+    the DDIM transition with :math:`\eta = 1` (:func:`~diffcore.stepping.ddim_step`).  Any
+    process; one model call per step; first order in law.  Shapes: ``x`` ``(batch, ...)``;
+    returns the same.
     """
-    ts, tm = _prepare(ts, x)
-    a, s, _, _ = _coefficients(process, ts)
-    ratio, weight, std = _ancestral_weights(a, s, _log_snr(process, ts))
-    noise = _noise_source(x, generator, noise_sampler)
-    for i in range(len(tm) - 1):
-        z = noise(i, x.shape, std[i])
-        x = z.add_(model(x, tm[i]), alpha=weight[i]).add_(x, alpha=ratio[i])
-        if callback is not None:
-            callback(i, tm[i + 1], x)
-    return _finish(model, x, tm[-1], denoise_last)
+
+    def update(k, x):
+        x0 = k.D(x)
+        return ddim_step(x, x0, k.t, k.s, eta=1.0, z=k.noise())
+
+    return integrate(update, model, x, ts, process, **run)
 
 
-def ddim(
-    model: Callable,
-    x: Tensor,
-    ts: Tensor,
-    process: Process,
-    *,
-    eta: float = 0.0,
-    generator: torch.Generator | None = None,
-    noise_sampler: Callable | None = None,
-    denoise_last: bool = False,
-    callback: Callable | None = None,
-) -> Tensor:
+def ddim(model: Callable, x: Tensor, ts: Tensor, process: Process, *, eta=0.0, **run) -> Tensor:
     r"""DDIM (Song, Meng & Ermon, 2021): keep the predicted noise, add fresh noise of std :math:`c`.
 
     .. math::
-        x_s = \alpha_s D + \sqrt{\sigma_s^2 - c^2}\;\hat\varepsilon + c\,z, \qquad
-        \hat\varepsilon = \frac{x_t - \alpha_t D}{\sigma_t}, \qquad
+        x_s = \alpha_s\hat x_0 + \sqrt{\sigma_s^2 - c^2}\;\hat\varepsilon + c\,z, \qquad
+        \hat\varepsilon = \frac{x_t - \alpha_t\hat x_0}{\sigma_t}, \qquad
         c = \eta\,\sigma_s\sqrt{1 - e^{-2h}},
 
     :math:`c` being :math:`\eta` times the DDPM posterior std.  ``eta = 0`` is deterministic, the
@@ -449,73 +346,45 @@ def ddim(
     ``eta = 1`` is DDPM ancestral sampling (:func:`ddpm`), in law and sample by sample.
     ``0 <= eta <= 1``.  One model call per step.  Shapes: ``x`` ``(batch, ...)``; returns the same.
     """
-    require(_is_real(eta) and 0 <= eta <= 1, "eta", eta, "in [0, 1]")
-    ts, tm = _prepare(ts, x)
-    a, s, _, _ = _coefficients(process, ts)
-    lam = _log_snr(process, ts)
-    n = len(tm) - 1
-    keep = [-math.expm1(-2 * (lam[i + 1] - lam[i])) for i in range(n)]  # 1 - e^{-2h}
-    rho = [math.sqrt(1 - eta**2 * k) for k in keep]  # sqrt(sigma_s^2 - c^2) / sigma_s
-    # x_s = alpha_s D + rho sigma_s (x - alpha_t D) / sigma_t + c z
-    ratio = _scales((rho[i] * s[i + 1] / s[i] for i in range(n)), x)
-    weight = [a[i + 1] - rho[i] * s[i + 1] * a[i] / s[i] for i in range(n)]
-    std = [eta * s[i + 1] * math.sqrt(keep[i]) for i in range(n)]
-    noise = _noise_source(x, generator, noise_sampler) if eta > 0 else None
-    for i in range(n):
-        d = model(x, tm[i])
-        if noise is not None:  # noise drawn scaled, then the other terms added to it in place
-            x = noise(i, x.shape, std[i]).add_(x * ratio[i]).add_(d, alpha=weight[i])
-        else:
-            x = torch.add(x * ratio[i], d, alpha=weight[i])
-        if callback is not None:
-            callback(i, tm[i + 1], x)
-    return _finish(model, x, tm[-1], denoise_last)
+    require(0 <= real(eta, "eta") <= 1, "eta", eta, "in [0, 1]")
+
+    def update(k, x):
+        x0 = k.D(x)
+        z = k.noise() if eta > 0 else None  # one draw per step, even where c = 0
+        return ddim_step(x, x0, k.t, k.s, eta, z)
+
+    return integrate(update, model, x, ts, process, **run)
 
 
-def euler_maruyama(
-    model: Callable,
-    x: Tensor,
-    ts: Tensor,
-    process: Process,
-    *,
-    generator: torch.Generator | None = None,
-    noise_sampler: Callable | None = None,
-    denoise_last: bool = False,
-    callback: Callable | None = None,
-) -> Tensor:
+def euler_maruyama(model: Callable, x: Tensor, ts: Tensor, process: Process, **run) -> Tensor:
     r"""Euler–Maruyama on the reverse SDE (Song et al., 2021): :math:`dx = [f x - g^2\nabla\log p_t]dt + g\,d\bar w`.
 
-    With :math:`h = t_{i+1} - t_i < 0` and the score from the denoiser,
-    :math:`\nabla\log p_t(x) = (\alpha_t D - x)/\sigma_t^2`:
+    With :math:`dt = s - t < 0` and the score from the denoiser,
+    :math:`\nabla\log p_t(x) = (\alpha_t\hat x_0 - x)/\sigma_t^2`:
 
-    .. math::
-        x_{i+1} = x_i + h\,[f(t_i) x_i - g^2(t_i)\,\nabla\log p_{t_i}(x_i)] + \sqrt{-h\,g^2(t_i)}\,z.
+    .. math:: x_s = x_t + dt\,[f(t) x_t - g^2(t)\,\nabla\log p_t(x_t)] + \sqrt{-dt\,g^2(t)}\,z.
 
     Needs finite :math:`f` and :math:`g^2` on ``ts[:-1]`` (for Linear, :math:`t < 1`).  Strong
     order 1/2, weak order 1; one model call per step.  Shapes: ``x`` ``(batch, ...)``; returns
     the same.
     """
-    ts, tm = _prepare(ts, x)
-    a, s, _, _ = _coefficients(process, ts)
+    ts = _checked_grid(ts, x)
     f, g2 = process.f(ts[:-1]).tolist(), process.g2(ts[:-1]).tolist()
-    for i, (fi, gi) in enumerate(zip(f, g2, strict=True)):
-        if not (math.isfinite(fi) and math.isfinite(gi)):
+    for i, (f_i, g2_i) in enumerate(zip(f, g2, strict=True)):
+        if not (math.isfinite(f_i) and math.isfinite(g2_i)):
             raise ValueError(
                 f"euler_maruyama needs a finite SDE drift and diffusion on the grid, got "
-                f"f = {fi:.6g}, g2 = {gi:.6g} at ts[{i}] = {float(ts[i]):.6g} under {process!r}"
+                f"f = {f_i:.6g}, g2 = {g2_i:.6g} at ts[{i}] = {float(ts[i]):.6g} under {process!r}"
             )
-    t = ts.tolist()
-    h = [t[i + 1] - t[i] for i in range(len(f))]
-    # x + h (f x - g2 (alpha D - x)/sigma^2) = (1 + h f + pull) x - pull alpha D, pull = h g2/sigma^2
-    pull = [h[i] * g2[i] / s[i] ** 2 for i in range(len(h))]
-    keep = [1 + h[i] * f[i] + pull[i] for i in range(len(h))]
-    noise = _noise_source(x, generator, noise_sampler)
-    for i in range(len(h)):
-        z = noise(i, x.shape, math.sqrt(-h[i] * g2[i]))
-        x = z.add_(model(x, tm[i]), alpha=-pull[i] * a[i]).add_(x, alpha=keep[i])
-        if callback is not None:
-            callback(i, tm[i + 1], x)
-    return _finish(model, x, tm[-1], denoise_last)
+
+    def update(k, x):
+        dt, f_t, g2_t = k.s.t - k.t.t, f[k.i], g2[k.i]
+        z = k.noise(math.sqrt(-dt * g2_t))
+        # x + dt (f x - g2 score) + z with score = (alpha x0 - x) / sigma^2, fused:
+        pull = dt * g2_t / k.t.sigma**2
+        return z.add_(x, alpha=1 + dt * f_t + pull).add_(k.D(x), alpha=-pull * k.t.alpha)
+
+    return integrate(update, model, x, ts, process, **run)
 
 
 def pc(
@@ -526,45 +395,38 @@ def pc(
     *,
     snr: float = 0.16,
     n_corrector: int = 1,
-    generator: torch.Generator | None = None,
-    noise_sampler: Callable | None = None,
-    denoise_last: bool = False,
-    callback: Callable | None = None,
+    **run,
 ) -> Tensor:
     r"""Predictor–corrector sampling (Song et al., 2021, Alg. 2–3): Langevin corrector, ancestral predictor.
 
     At each :math:`t_i`: ``n_corrector`` Langevin steps on :math:`p_{t_i}`,
     :math:`x \leftarrow x + \epsilon\nabla\log p_{t_i}(x) + \sqrt{2\epsilon}\,z` with
-    :math:`\nabla\log p_t = (\alpha_t D - x)/\sigma_t^2`, then one :func:`ddpm` step to
+    :math:`\nabla\log p_t = (\alpha_t\hat x_0 - x)/\sigma_t^2`, then one :func:`ddpm` step to
     :math:`t_{i+1}`.  Step size: the paper sets
     :math:`\epsilon = 2\alpha_i(r\lVert z\rVert/\lVert\nabla\log p\rVert)^2` from the norms of
     the batch (:math:`r` = ``snr``); here the norms are replaced by their values for pure noise,
     :math:`\lVert z\rVert^2 = d`, :math:`\lVert\nabla\log p_t\rVert^2 = d/\sigma_t^2`, and
     the VP factor :math:`\alpha_i = 1 - \beta_i \approx 1` is dropped, giving
-    :math:`\epsilon = 2(r\sigma_t)^2`, i.e. :math:`x \leftarrow (1 - 2r^2)x + 2r^2\alpha_t D
+    :math:`\epsilon = 2(r\sigma_t)^2`, i.e. :math:`x \leftarrow x + 2r^2(\alpha_t\hat x_0 - x)
     + 2r\sigma_t z`.  This keeps the step independent of the batch and the sampler affine in
     its noise on Gaussian data (so its exact law is computable).  Of the paper's predictors
     (reverse diffusion, Euler–Maruyama, ancestral sampling) the ancestral one is used here: the
-    forward posterior with :math:`x_0 = D`, defined for any process.  ``1 + n_corrector`` model calls per step.
-    Shapes: ``x`` ``(batch, ...)``; returns the same.
+    forward posterior with :math:`x_0 = \hat x_0`, defined for any process.
+    ``1 + n_corrector`` model calls per step.  Shapes: ``x`` ``(batch, ...)``; returns the same.
     """
-    require(_is_real(snr) and 0 < snr < math.inf, "snr", snr, "positive and finite")
-    require(_is_count(n_corrector, 0), "n_corrector", n_corrector, "an integer >= 0")
-    ts, tm = _prepare(ts, x)
-    a, s, _, _ = _coefficients(process, ts)
-    ratio, weight, std = _ancestral_weights(a, s, _log_snr(process, ts))
+    require(0 < real(snr, "snr"), "snr", snr, "positive and finite")
+    count(n_corrector, "n_corrector", low=0)
     pull = 2 * snr**2  # epsilon / sigma_t^2
-    kept = 1 - pull
-    noise = _noise_source(x, generator, noise_sampler)
-    for i in range(len(tm) - 1):
-        for _ in range(n_corrector):  # Langevin: (1 - 2r^2) x + 2r^2 alpha D + 2 r sigma z
-            z = noise(i, x.shape, 2 * snr * s[i])
-            x = z.add_(model(x, tm[i]), alpha=pull * a[i]).add_(x, alpha=kept)
-        z = noise(i, x.shape, std[i])  # ancestral predictor
-        x = z.add_(model(x, tm[i]), alpha=weight[i]).add_(x, alpha=ratio[i])
-        if callback is not None:
-            callback(i, tm[i + 1], x)
-    return _finish(model, x, tm[-1], denoise_last)
+
+    def update(k, x):
+        for _ in range(n_corrector):  # Langevin on p_t
+            z = k.noise(2 * snr * k.t.sigma)  # x + pull (alpha x0 - x) + z, fused:
+            x = z.add_(x, alpha=1 - pull).add_(k.D(x), alpha=pull * k.t.alpha)
+        z = k.noise()  # the ancestral predictor
+        x0 = k.D(x)
+        return ddim_step(x, x0, k.t, k.s, eta=1.0, z=z)
+
+    return integrate(update, model, x, ts, process, **run)
 
 
 def annealed_langevin(
@@ -575,10 +437,7 @@ def annealed_langevin(
     *,
     eps: float = 2e-5,
     n_steps_each: int = 1,
-    generator: torch.Generator | None = None,
-    noise_sampler: Callable | None = None,
-    denoise_last: bool = False,
-    callback: Callable | None = None,
+    **run,
 ) -> Tensor:
     r"""Annealed Langevin dynamics (NCSN; Song & Ermon, 2019, Alg. 1) over the noise levels of ``ts``.
 
@@ -587,11 +446,11 @@ def annealed_langevin(
     :math:`\delta_i = \epsilon\,(\bar\sigma_i/\bar\sigma_L)^2`.  For any process we take
     :math:`\bar\sigma_t = \sigma_t/\alpha_t` and :math:`y = x/\alpha_t`, in which every process
     is VE; in :math:`x` the step is :math:`\alpha_t^2\delta_i = \epsilon\sigma_t^2/\bar\sigma_L^2`.
-    Step ``i`` carries :math:`y` to the level :math:`t_{i+1}` (:math:`x \leftarrow
-    (\alpha_{i+1}/\alpha_i) x`) and makes ``n_steps_each`` Langevin steps there,
+    Step ``i`` carries :math:`y` to the level :math:`s = t_{i+1}` (:math:`x \leftarrow
+    (\alpha_s/\alpha_t) x`) and makes ``n_steps_each`` Langevin steps there,
 
     .. math::
-        x \leftarrow x + c\,(\alpha_{i+1} D - x) + \sqrt{2c}\,\sigma_{i+1} z,
+        x \leftarrow x + c\,(\alpha_s\hat x_0 - x) + \sqrt{2c}\,\sigma_s z,
         \qquad c = \frac{\epsilon}{2\bar\sigma_L^2},
 
     so the levels are ``ts[1:]`` and the start ``x`` only initialises the chain.  The steps
@@ -602,239 +461,137 @@ def annealed_langevin(
     :math:`p_{t_{\min}}`, whose bias grows with ``eps``.  Shapes: ``x`` ``(batch, ...)``;
     returns the same.
     """
-    require(_is_real(eps) and 0 < eps < math.inf, "eps", eps, "positive and finite")
-    require(_is_count(n_steps_each, 1), "n_steps_each", n_steps_each, "an integer >= 1")
-    ts, tm = _prepare(ts, x)
-    a, s, _, _ = _coefficients(process, ts)
-    _need_positive_alpha("annealed_langevin", a, ts, "it anneals y = x / alpha")
-    if not s[-1] > 0:
+    require(0 < real(eps, "eps"), "eps", eps, "positive and finite")
+    count(n_steps_each, "n_steps_each")
+    ts = _checked_grid(ts, x)
+    _need_positive_alpha("annealed_langevin", process, ts, "it anneals y = x / alpha")
+    a_last, s_last = float(process.alpha(ts[-1])), float(process.sigma(ts[-1]))
+    if not s_last > 0:
         raise ValueError(
-            f"annealed_langevin needs sigma > 0 at the last level, got sigma(ts[-1]) = {s[-1]:.6g}"
-            f" at ts[-1] = {float(ts[-1]):.6g}: take t_min > 0"
+            f"annealed_langevin needs sigma > 0 at the last level, got sigma(ts[-1]) = "
+            f"{s_last:.6g} at ts[-1] = {float(ts[-1]):.6g}: take t_min > 0"
         )
-    level_last = s[-1] / a[-1]
+    level_last = s_last / a_last
     require(eps < 4 * level_last**2, "eps", eps, f"< 4 (sigma/alpha)^2 = {4 * level_last**2:.6g}")
     c = eps / (2 * level_last**2)
-    up = _scales((a[i + 1] / a[i] for i in range(len(a) - 1)), x)  # y = x / alpha stays put
-    noise = _noise_source(x, generator, noise_sampler)
-    for i in range(len(tm) - 1):
-        x = x * up[i]
+
+    def update(k, x):
+        x = k.s.alpha / k.t.alpha * x  # y = x / alpha stays put
         for _ in range(n_steps_each):
-            z = noise(i, x.shape, math.sqrt(2 * c) * s[i + 1])
-            x = z.add_(model(x, tm[i + 1]), alpha=c * a[i + 1]).add_(x, alpha=1 - c)
-        if callback is not None:
-            callback(i, tm[i + 1], x)
-    return _finish(model, x, tm[-1], denoise_last)
+            z = k.noise(math.sqrt(2 * c) * k.s.sigma)  # x + c (alpha x0 - x) + z, fused:
+            x = z.add_(x, alpha=1 - c).add_(k.D(x, k.s), alpha=c * k.s.alpha)
+        return x
+
+    return integrate(update, model, x, ts, process, **run)
 
 
 # -- exponential integrators in log-SNR ------------------------------------------------------
-def dpm_solver_1(
-    model: Callable,
-    x: Tensor,
-    ts: Tensor,
-    process: Process,
-    *,
-    denoise_last: bool = False,
-    callback: Callable | None = None,
-) -> Tensor:
+def dpm_solver_1(model: Callable, x: Tensor, ts: Tensor, process: Process, **run) -> Tensor:
     r"""DPM-Solver-1 (Lu et al., 2022): the exponential Euler step of the PF-ODE in :math:`\lambda`.
 
-    The PF-ODE in data prediction, :math:`x_s = \frac{\sigma_s}{\sigma_t}x_t +
-    \sigma_s\int_{\lambda_t}^{\lambda_s} e^{\lambda} D\,d\lambda`, with :math:`D` frozen at
-    :math:`t`:
+    The PF-ODE in data prediction with :math:`\hat x_0` frozen at :math:`t`
+    (:func:`exponential_euler`):
 
-    .. math:: x_{i+1} = \frac{\sigma_{i+1}}{\sigma_i}x_i + \alpha_{i+1}(1 - e^{-h_i})\,D(x_i, t_i).
+    .. math:: x_s = \frac{\sigma_s}{\sigma_t}x_t + \alpha_s(1 - e^{-h})\,\hat x_0(x_t, t).
 
     The same as DDIM with ``eta = 0``.  Order 1; one model call per step.  Shapes: ``x``
     ``(batch, ...)``; returns the same.
     """
-    ts, tm = _prepare(ts, x)
-    a, s, _, _ = _coefficients(process, ts)
-    ratio, weight = _exp_euler_weights(a, s, _log_snr(process, ts))
-    ratio = _scales(ratio, x)
-    for i in range(len(tm) - 1):
-        x = torch.add(x * ratio[i], model(x, tm[i]), alpha=weight[i])
-        if callback is not None:
-            callback(i, tm[i + 1], x)
-    return _finish(model, x, tm[-1], denoise_last)
+
+    def update(k, x):
+        return torch.add(x * (k.s.sigma / k.t.sigma), k.D(x), alpha=k.s.alpha * phi1(k.h))
+
+    return integrate(update, model, x, ts, process, **run)
 
 
-def dpm_solver_2(
-    model: Callable,
-    x: Tensor,
-    ts: Tensor,
-    process: Process,
-    *,
-    denoise_last: bool = False,
-    callback: Callable | None = None,
-) -> Tensor:
+def dpm_solver_2(model: Callable, x: Tensor, ts: Tensor, process: Process, **run) -> Tensor:
     r"""DPM-Solver-2 (Lu et al., 2022), single-step, in data prediction (DPM-Solver++(2S), Lu et al., 2022b).
 
-    With :math:`r_1 = 1/2`, :math:`u` at :math:`\lambda_i + r_1 h` (its time from
-    ``process.t_of_lam``):
+    With the point :math:`u` at :math:`\lambda_t + h/2` (its time from ``process.t_of_lam``):
 
     .. math::
-        u &= \frac{\sigma_u}{\sigma_i}x_i + \alpha_u(1 - e^{-r_1 h})D_i, \\
-        x_{i+1} &= \frac{\sigma_{i+1}}{\sigma_i}x_i + \alpha_{i+1}(1 - e^{-h})
-                  \Big[D_i + \frac{1}{2r_1}(D(u) - D_i)\Big],
+        x_u &= \frac{\sigma_u}{\sigma_t}x_t + \alpha_u(1 - e^{-h/2})\hat x_0(x_t, t), \\
+        x_s &= \frac{\sigma_s}{\sigma_t}x_t + \alpha_s(1 - e^{-h})\,\hat x_0(x_u, u),
 
-    which for :math:`r_1 = 1/2` is the exponential midpoint rule.  Order 2; two model calls per
-    step (one for a step of infinite :math:`h`).  Shapes: ``x`` ``(batch, ...)``; returns the same.
+    the exponential midpoint rule (:math:`r_1 = 1/2` in the paper's
+    :math:`D_t + (D_u - D_t)/(2r_1)`).  Order 2; two model calls per step (one for a step of
+    infinite :math:`h`).  Shapes: ``x`` ``(batch, ...)``; returns the same.
     """
-    ts, tm = _prepare(ts, x)
-    a, s, _, _ = _coefficients(process, ts)
-    lam = _log_snr(process, ts)
-    ratio, weight = _exp_euler_weights(a, s, lam)
-    tm_u, a_u, s_u = _intermediate(process, ts, lam, 0.5, x)
-    n = len(tm) - 1
-    finite = [math.isfinite(lam[i + 1] - lam[i]) for i in range(n)]
-    # the half step: u = (sigma_u / sigma_i) x - alpha_u expm1(-h/2) D_i
-    ratio_u = _scales((s_u[i] / s[i] for i in range(n)), x)
-    weight_u = [-a_u[i] * math.expm1(-0.5 * (lam[i + 1] - lam[i])) for i in range(n)]
-    ratio = _scales(ratio, x)
-    for i in range(n):
-        d = model(x, tm[i])
-        if finite[i]:  # r1 = 1/2: D_i + (D(u) - D_i) / (2 r1) = D(u)
-            d = model(torch.add(x * ratio_u[i], d, alpha=weight_u[i]), tm_u[i])
-        x = torch.add(x * ratio[i], d, alpha=weight[i])
-        if callback is not None:
-            callback(i, tm[i + 1], x)
-    return _finish(model, x, tm[-1], denoise_last)
+    ts = _checked_grid(ts, x)
+    mid = _inner_points(process, ts, 0.5, x)
+
+    def update(k, x):
+        x0 = k.D(x)
+        if math.isfinite(k.h):
+            x0 = k.D(exponential_euler(x, x0, k.t, mid[k.i]), mid[k.i])
+        return exponential_euler(x, x0, k.t, k.s)
+
+    return integrate(update, model, x, ts, process, **run)
 
 
-def dpm_solver_3(
-    model: Callable,
-    x: Tensor,
-    ts: Tensor,
-    process: Process,
-    *,
-    denoise_last: bool = False,
-    callback: Callable | None = None,
-) -> Tensor:
+def dpm_solver_3(model: Callable, x: Tensor, ts: Tensor, process: Process, **run) -> Tensor:
     r"""DPM-Solver-3 (Lu et al., 2022), single-step, in data prediction as in the reference code.
 
-    With :math:`r_1 = 1/3`, :math:`r_2 = 2/3`, :math:`\varphi_1(z) = e^{-z} - 1`,
-    :math:`\varphi_2(z) = \varphi_1(z)/z + 1` and points :math:`u_k` at :math:`\lambda_i + r_k h`:
+    With :math:`r_1 = 1/3`, :math:`r_2 = 2/3`, points :math:`u_k` at :math:`\lambda_t + r_k h`
+    and :math:`D_u = \hat x_0(x_u, u)`:
 
     .. math::
-        u_1 &= \tfrac{\sigma_{u_1}}{\sigma_i}x_i - \alpha_{u_1}\varphi_1(r_1h) D_i, \\
-        u_2 &= \tfrac{\sigma_{u_2}}{\sigma_i}x_i - \alpha_{u_2}\varphi_1(r_2h) D_i
-               + \tfrac{r_2}{r_1}\alpha_{u_2}\varphi_2(r_2h)(D(u_1) - D_i), \\
-        x_{i+1} &= \tfrac{\sigma_{i+1}}{\sigma_i}x_i - \alpha_{i+1}\varphi_1(h) D_i
-               + \tfrac{1}{r_2}\alpha_{i+1}\varphi_2(h)(D(u_2) - D_i).
+        x_{u_1} &= \tfrac{\sigma_{u_1}}{\sigma_t}x_t + \alpha_{u_1}\varphi_1(r_1h)\,D_t, \\
+        x_{u_2} &= \tfrac{\sigma_{u_2}}{\sigma_t}x_t + \alpha_{u_2}\varphi_1(r_2h)\,D_t
+               + \tfrac{r_2}{r_1}\alpha_{u_2}\varphi_2(r_2h)(D_{u_1} - D_t), \\
+        x_s &= \tfrac{\sigma_s}{\sigma_t}x_t + \alpha_s\varphi_1(h)\,D_t
+               + \tfrac{1}{r_2}\alpha_s\varphi_2(h)(D_{u_2} - D_t).
 
     Order 3; three model calls per step (one for a step of infinite :math:`h`).  Shapes: ``x``
     ``(batch, ...)``; returns the same.
     """
     r1, r2 = 1 / 3, 2 / 3
-    ts, tm = _prepare(ts, x)
-    a, s, _, _ = _coefficients(process, ts)
-    lam = _log_snr(process, ts)
-    n = len(tm) - 1
-    ratio, weight = _exp_euler_weights(a, s, lam)
-    tm_1, a_1, s_1 = _intermediate(process, ts, lam, r1, x)
-    tm_2, a_2, s_2 = _intermediate(process, ts, lam, r2, x)
-    finite = [math.isfinite(lam[i + 1] - lam[i]) for i in range(n)]
-    w1, w2, w3 = [], [], []  # weights of D_i in u1; (D_i, D(u1)) in u2; (D_i, D(u2)) in x_{i+1}
-    for i in range(n):
-        h = lam[i + 1] - lam[i] if finite[i] else 1.0  # unused where h is infinite
-        phi2_u2 = math.expm1(-r2 * h) / (r2 * h) + 1
-        phi2 = math.expm1(-h) / h + 1
-        c2 = r2 / r1 * a_2[i] * phi2_u2  # weight of D(u1) - D_i in u2
-        c3 = a[i + 1] * phi2 / r2  # weight of D(u2) - D_i in x_{i+1}
-        w1.append(-a_1[i] * math.expm1(-r1 * h))
-        w2.append((-a_2[i] * math.expm1(-r2 * h) - c2, c2))
-        w3.append((weight[i] - c3, c3))
-    ratio, ratio_1, ratio_2 = (
-        _scales(ratio, x),
-        _scales((s_1[i] / s[i] for i in range(n)), x),
-        _scales((s_2[i] / s[i] for i in range(n)), x),
-    )
-    for i in range(n):
-        d = model(x, tm[i])
-        if not finite[i]:  # a step of infinite h: first order
-            x = torch.add(x * ratio[i], d, alpha=weight[i])
-        else:
-            d1 = model(torch.add(x * ratio_1[i], d, alpha=w1[i]), tm_1[i])
-            u2 = torch.add(x * ratio_2[i], d, alpha=w2[i][0]).add_(d1, alpha=w2[i][1])
-            d2 = model(u2, tm_2[i])
-            x = torch.add(x * ratio[i], d, alpha=w3[i][0]).add_(d2, alpha=w3[i][1])
-        if callback is not None:
-            callback(i, tm[i + 1], x)
-    return _finish(model, x, tm[-1], denoise_last)
+    ts = _checked_grid(ts, x)
+    inner_1, inner_2 = _inner_points(process, ts, r1, x), _inner_points(process, ts, r2, x)
+
+    def update(k, x):
+        t, s, h, d_t = k.t, k.s, k.h, k.D(x)
+        if not math.isfinite(h):  # a step of infinite h: first order
+            return exponential_euler(x, d_t, t, s)
+        u1, u2 = inner_1[k.i], inner_2[k.i]
+        d_u1 = k.D(exponential_euler(x, d_t, t, u1), u1)
+        x_u2 = exponential_euler(x, d_t, t, u2)
+        x_u2 = x_u2.add_(d_u1 - d_t, alpha=r2 / r1 * u2.alpha * phi2(r2 * h))
+        d_u2 = k.D(x_u2, u2)
+        x_s = exponential_euler(x, d_t, t, s)
+        return x_s.add_(d_u2 - d_t, alpha=s.alpha * phi2(h) / r2)
+
+    return integrate(update, model, x, ts, process, **run)
 
 
-def dpmpp_2m(
-    model: Callable,
-    x: Tensor,
-    ts: Tensor,
-    process: Process,
-    *,
-    denoise_last: bool = False,
-    callback: Callable | None = None,
-) -> Tensor:
+def dpmpp_2m(model: Callable, x: Tensor, ts: Tensor, process: Process, **run) -> Tensor:
     r"""DPM-Solver++(2M) (Lu et al., 2022b, Alg. 2): multistep, second order, in data prediction.
 
-    With :math:`r = h_{i-1}/h_i`, the last two denoisings extrapolate :math:`D` to the step:
+    With :math:`r = h_{i-1}/h_i`, the last two denoisings extrapolate :math:`\hat x_0` to the step:
 
     .. math::
-        x_{i+1} = \frac{\sigma_{i+1}}{\sigma_i}x_i + \alpha_{i+1}(1 - e^{-h_i})
-                  \Big[\big(1 + \tfrac{1}{2r}\big)D_i - \tfrac{1}{2r}D_{i-1}\Big].
+        x_s = \frac{\sigma_s}{\sigma_t}x_t + \alpha_s(1 - e^{-h})
+              \Big[\big(1 + \tfrac{1}{2r}\big)D_i - \tfrac{1}{2r}D_{i-1}\Big].
 
     The first step, and a step of infinite :math:`h`, are first order (:func:`dpm_solver_1`), as
     in k-diffusion; the reference code's option of lower order in the final steps is left out.
     Order 2; one model call per step.  Shapes: ``x`` ``(batch, ...)``; returns the same.
     """
-    ts, tm = _prepare(ts, x)
-    a, s, _, _ = _coefficients(process, ts)
-    lam = _log_snr(process, ts)
-    ratio, weight = _exp_euler_weights(a, s, lam)
-    ratio = _scales(ratio, x)
-    h = [lam[i + 1] - lam[i] for i in range(len(tm) - 1)]
-    d_prev = None
-    for i in range(len(h)):
-        d = model(x, tm[i])
-        x = torch.mul(x, ratio[i])
-        if d_prev is not None and math.isfinite(h[i]) and math.isfinite(h[i - 1]):
-            w = h[i] / (2 * h[i - 1])  # 1 / (2r): D = (1 + w) D_i - w D_{i-1}
-            x = x.add_(d, alpha=weight[i] * (1 + w)).add_(d_prev, alpha=-weight[i] * w)
-        else:
-            x = x.add_(d, alpha=weight[i])
-        d_prev = d
-        if callback is not None:
-            callback(i, tm[i + 1], x)
-    return _finish(model, x, tm[-1], denoise_last)
+
+    def update(k, x):
+        d = k.D(x)
+        if k.history:
+            d_prev, t_prev = k.history[0]
+            h_prev = k.t.lam - t_prev.lam
+            if math.isfinite(k.h) and math.isfinite(h_prev):
+                w = k.h / (2 * h_prev)  # 1 / (2r): (1 + w) D_i - w D_{i-1}
+                d = torch.add(d * (1 + w), d_prev, alpha=-w)
+        return exponential_euler(x, d, k.t, k.s)
+
+    return integrate(update, model, x, ts, process, **run)
 
 
-def _multistep_3_weights(h: float, h1: float, h2: float) -> tuple[float, float, float]:
-    """The bracket of DPM-Solver++(3M), (1 - e^{-h}) D_i + phi2 d1 - 2 phi3 d2, as weights of
-    (D_i, D_{i-1}, D_{i-2}): each divided difference is a vector of such weights."""
-    r0, r1 = h1 / h, h2 / h
-    delta0 = (1 / r0, -1 / r0, 0.0)  # (D_i - D_{i-1}) / r0
-    delta1 = (0.0, 1 / r1, -1 / r1)  # (D_{i-1} - D_{i-2}) / r1
-    d2 = [(p - q) / (r0 + r1) for p, q in zip(delta0, delta1, strict=True)]
-    d1 = [p + r0 * q for p, q in zip(delta0, d2, strict=True)]
-    phi2 = math.expm1(-h) / h + 1
-    phi3 = phi2 / h - 0.5
-    first = (-math.expm1(-h), 0.0, 0.0)
-    return tuple(f + phi2 * p - 2 * phi3 * q for f, p, q in zip(first, d1, d2, strict=True))
-
-
-def _multistep_2_weights(h: float, h1: float) -> tuple[float, float, float]:
-    """The bracket (1 - e^{-h}) D_i + phi2 (D_i - D_{i-1}) / r0 of 3M's second step."""
-    phi2_r0 = (math.expm1(-h) / h + 1) * h / h1
-    return (-math.expm1(-h) + phi2_r0, -phi2_r0, 0.0)
-
-
-def dpmpp_3m(
-    model: Callable,
-    x: Tensor,
-    ts: Tensor,
-    process: Process,
-    *,
-    denoise_last: bool = False,
-    callback: Callable | None = None,
-) -> Tensor:
+def dpmpp_3m(model: Callable, x: Tensor, ts: Tensor, process: Process, **run) -> Tensor:
     r"""DPM-Solver++(3M) (Lu et al., 2022b): multistep, third order, in data prediction.
 
     With :math:`r_0 = h_{i-1}/h_i`, :math:`r_1 = h_{i-2}/h_i`, divided differences of the last
@@ -848,14 +605,12 @@ def dpmpp_3m(
     and the Taylor terms of :math:`\sigma_s\int e^{\lambda}D\,d\lambda` integrate exactly:
 
     .. math::
-        x_{i+1} &= \frac{\sigma_{i+1}}{\sigma_i}x_i + \alpha_{i+1}\big[(1 - e^{-h})D_i
-                  + \varphi_2 d_1 - 2\varphi_3 d_2\big], \\
-        \varphi_2 &= \frac{e^{-h} - 1}{h} + 1,\quad \varphi_3 = \frac{\varphi_2}{h} - \frac12,
+        x_s = \frac{\sigma_s}{\sigma_t}x_t + \alpha_s\big[\varphi_1(h) D_i
+              + \varphi_2(h) d_1 - 2\varphi_3(h) d_2\big]
 
-    since :math:`\int_0^h e^{u-h}u\,du = h\varphi_2` and
-    :math:`\int_0^h e^{u-h}\tfrac{u^2}{2}du = -h^2\varphi_3`.  Departure: the reference codes
-    (DPM-Solver's ``multistep_dpm_solver_third_update``, k-diffusion's ``sample_dpmpp_3m_sde``)
-    weight :math:`d_2` by :math:`-\varphi_3`, half the Taylor coefficient; a step then fails to
+    (:func:`phi1`, :func:`phi2`, :func:`phi3`).  Departure: the reference codes (DPM-Solver's
+    ``multistep_dpm_solver_third_update``, k-diffusion's ``sample_dpmpp_3m_sde``) weight
+    :math:`d_2` by :math:`-\varphi_3`, half the Taylor coefficient; a step then fails to
     integrate a quadratic :math:`D(\lambda)` exactly and the method is of order 2 (measured on
     the Gaussian oracle: 2.0 with their weight, 3.0 with this one;
     ``tests/test_against_diffusers.py`` runs diffusers' solver beside this one).  The first two
@@ -863,32 +618,39 @@ def dpmpp_3m(
     small where :math:`\alpha_{t_0} \ll 1`); a step of infinite :math:`h` is first order.
     Order 3; one model call per step.  Shapes: ``x`` ``(batch, ...)``; returns the same.
     """
-    ts, tm = _prepare(ts, x)
-    a, s, _, _ = _coefficients(process, ts)
-    lam = _log_snr(process, ts)
-    n = len(tm) - 1
-    h = [lam[i + 1] - lam[i] for i in range(n)]
-    finite = [math.isfinite(v) for v in h]  # only a first or last step can be infinite
-    brackets = []  # weights of (D_i, D_{i-1}, D_{i-2}): lower order while fewer are known
-    for i in range(n):
-        if i >= 2 and all(finite[i - 2 : i + 1]):
-            brackets.append(_multistep_3_weights(h[i], h[i - 1], h[i - 2]))
-        elif i >= 1 and all(finite[i - 1 : i + 1]):
-            brackets.append(_multistep_2_weights(h[i], h[i - 1]))
-        else:
-            brackets.append((-math.expm1(-h[i]), 0.0, 0.0))
-    ratio = _scales((s[i + 1] / s[i] for i in range(n)), x)
-    history: list[Tensor] = []  # D_{i-1}, D_{i-2}
-    for i in range(n):
-        d = model(x, tm[i])
-        x = torch.mul(x, ratio[i])
-        for w, d_k in zip(brackets[i], (d, *history), strict=False):
-            if w:
-                x = x.add_(d_k, alpha=a[i + 1] * w)
-        history = [d, *history[:1]]
-        if callback is not None:
-            callback(i, tm[i + 1], x)
-    return _finish(model, x, tm[-1], denoise_last)
+
+    def update(k, x):
+        d, lams = k.D(x), [k.s.lam, k.t.lam, *(t_j.lam for _, t_j in k.history)]
+        hs = [a - b for a, b in zip(lams, lams[1:], strict=False)]  # h_i, h_{i-1}, h_{i-2}
+        known = 0  # earlier denoisings the step may use: those behind finite steps only
+        while known < min(2, len(hs) - 1) and all(map(math.isfinite, hs[: known + 2])):
+            known += 1
+        weights = dpmpp_3m_weights(*hs[: known + 1])  # of D_i, D_{i-1}, D_{i-2}
+        x = x * (k.s.sigma / k.t.sigma)
+        for w, d_j in zip(weights, [d, *(d_j for d_j, _ in k.history)], strict=False):
+            x = x.add_(d_j, alpha=k.s.alpha * w)
+        return x
+
+    return integrate(update, model, x, ts, process, **run)
+
+
+def dpmpp_3m_weights(h: float, h1: float | None = None, h2: float | None = None) -> tuple:
+    r"""The bracket of :func:`dpmpp_3m`, :math:`\varphi_1 D_i + \varphi_2 d_1 - 2\varphi_3 d_2`,
+    as weights of :math:`(D_i, D_{i-1}, D_{i-2})`: each divided difference is a vector of such
+    weights.  With ``h1`` only, the second-order start :math:`\varphi_1 D_i + \varphi_2 (D_i -
+    D_{i-1})/r_0`; with neither, the first-order :math:`\varphi_1 D_i`."""
+    if h1 is None:
+        return (phi1(h),)
+    r0 = h1 / h
+    delta0 = (1 / r0, -1 / r0, 0.0)  # (D_i - D_{i-1}) / r0
+    if h2 is None:
+        return tuple(f + phi2(h) * p for f, p in zip((phi1(h), 0.0, 0.0), delta0, strict=True))[:2]
+    r1 = h2 / h
+    delta1 = (0.0, 1 / r1, -1 / r1)  # (D_{i-1} - D_{i-2}) / r1
+    d2 = [(p - q) / (r0 + r1) for p, q in zip(delta0, delta1, strict=True)]
+    d1 = [p + r0 * q for p, q in zip(delta0, d2, strict=True)]
+    first = (phi1(h), 0.0, 0.0)
+    return tuple(f + phi2(h) * p - 2 * phi3(h) * q for f, p, q in zip(first, d1, d2, strict=True))
 
 
 def _unipc_weights(h: float, r: float) -> tuple[float, float]:
@@ -902,73 +664,54 @@ def _unipc_weights(h: float, r: float) -> tuple[float, float]:
     return rho0, b1 - rho0
 
 
-def unipc(
-    model: Callable,
-    x: Tensor,
-    ts: Tensor,
-    process: Process,
-    *,
-    denoise_last: bool = False,
-    callback: Callable | None = None,
-) -> Tensor:
+def unipc(model: Callable, x: Tensor, ts: Tensor, process: Process, **run) -> Tensor:
     r"""UniPC (Zhao et al., 2023): predictor UniP-2 and corrector UniC-2, variant bh2, data prediction.
 
-    With :math:`\hat x = \frac{\sigma_{i+1}}{\sigma_i}x_i + \alpha_{i+1}(1 - e^{-h})D_i`,
-    :math:`B = e^{-h} - 1` (bh2: the paper's :math:`B(h) = e^h - 1`, in data prediction), :math:`r = (\lambda_{i-1} -
-    \lambda_i)/h` and :math:`\Delta = (D_{i-1} - D_i)/r`:
+    With the DDIM step :math:`\hat x_s = \frac{\sigma_s}{\sigma_t}x_t + \alpha_s(1 - e^{-h})D_i`,
+    :math:`B = e^{-h} - 1` (bh2: the paper's :math:`B(h) = e^h - 1`, in data prediction),
+    :math:`r = (\lambda_{i-1} - \lambda_i)/h` and :math:`\Delta = (D_{i-1} - D_i)/r`:
 
     .. math::
-        x^{p}_{i+1} = \hat x - \alpha_{i+1} B\,\tfrac12\Delta, \qquad
-        x_{i+1} = \hat x - \alpha_{i+1} B\,\big[\rho_0\Delta + \rho_1(D(x^{p}_{i+1}) - D_i)\big],
+        x^{p}_s = \hat x_s - \alpha_s B\,\tfrac12\Delta, \qquad
+        x_s = \hat x_s - \alpha_s B\,\big[\rho_0\Delta + \rho_1(D(x^{p}_s) - D_i)\big],
 
     where :math:`(\rho_0, \rho_1)` solve :math:`\rho_0 + \rho_1 = b_1`, :math:`r\rho_0 + \rho_1 =
     b_2`, with :math:`b_k = k!\,(-h)\,\varphi_{k+1}(-h)/B`, :math:`\varphi_1(z) = (e^z - 1)/z`,
     :math:`\varphi_{k+1}(z) = (\varphi_k(z) - 1/k!)/z`, as in the reference code
-    (``multistep_uni_pc_bh_update``).  As there, :math:`D(x^{p}_{i+1})`, evaluated at the
+    (``multistep_uni_pc_bh_update``).  As there, :math:`D(x^{p}_s)`, evaluated at the
     *predicted* state, is reused as :math:`D_{i+1}` by the next step, so the corrector costs
     no call (NFE = steps); the first step is UniP-1 (DDIM) + UniC-1 (:math:`\rho = 1/2`), the last
     step has no corrector, and a step of infinite :math:`h` is first order.  The reference
     code's lower order in the final steps is left out.  Order 3 (UniC raises UniP-2 by one).
     Shapes: ``x`` ``(batch, ...)``; returns the same.
     """
-    ts, tm = _prepare(ts, x)
-    a, s, _, _ = _coefficients(process, ts)
-    lam = _log_snr(process, ts)
-    n = len(tm) - 1
-    ratio, weight = _exp_euler_weights(a, s, lam)  # x_hat = ratio x + weight D_i
-    ratio = _scales(ratio, x)
-    d, d_prev = model(x, tm[0]), None
-    for i in range(n):
-        h = lam[i + 1] - lam[i]
-        last = i == n - 1
-        if not math.isfinite(h):  # a step to sigma = 0 or from alpha = 0: first order
-            x = torch.add(x * ratio[i], d, alpha=weight[i])
-            d, d_prev = (None if last else model(x, tm[i + 1])), None
+    corrected = {}  # D(x^p_s) of the last corrector, reused as the next step's D_i
+
+    def update(k, x):
+        d = corrected.pop(k.i) if k.i in corrected else k.D(x)
+        k.denoised = d
+        x_hat = exponential_euler(x, d, k.t, k.s)
+        if not math.isfinite(k.h):  # a step to sigma = 0 or from alpha = 0: first order
+            return x_hat
+        scale = k.s.alpha * phi1(k.h)  # -alpha_s B(h)
+        h_prev = k.t.lam - k.history[0][1].lam if k.history else math.inf
+        if not math.isfinite(h_prev):  # UniP-1 is the DDIM step; UniC-1 has rho = 1/2
+            x_pred, correction = x_hat, None
+            rho1 = 0.5
         else:
-            scale = -a[i + 1] * math.expm1(-h)  # -alpha_{i+1} B(h)
-            x_ratio = x * ratio[i]  # shared by the predictor and the corrector
-            if d_prev is None:  # UniP-1 is the DDIM step; UniC-1 has rho = 1/2
-                x_pred = torch.add(x_ratio, d, alpha=weight[i])
-                q0, rho1 = 0.0, 0.5
-            else:
-                r = (lam[i - 1] - lam[i]) / h
-                rho0, rho1 = _unipc_weights(h, r)
-                # Delta = (D_{i-1} - D_i) / r; UniP-2: x_hat + scale Delta / 2
-                p0, q0 = scale * 0.5 / r, scale * rho0 / r
-                x_pred = torch.add(x_ratio, d, alpha=weight[i] - p0).add_(d_prev, alpha=p0)
-            if last:
-                x = x_pred
-            else:
-                d_next = model(x_pred, tm[i + 1])
-                # corrector: x_hat + scale (rho0 Delta + rho1 (D_next - D_i))
-                x = torch.add(x_ratio, d, alpha=weight[i] - q0 - scale * rho1)
-                if d_prev is not None:
-                    x = x.add_(d_prev, alpha=q0)
-                x = x.add_(d_next, alpha=scale * rho1)
-                d_prev, d = d, d_next
-        if callback is not None:
-            callback(i, tm[i + 1], x)
-    return _finish(model, x, tm[-1], denoise_last)
+            r = -h_prev / k.h
+            rho0, rho1 = _unipc_weights(k.h, r)
+            delta = (k.history[0][0] - d) / r
+            x_pred = torch.add(x_hat, delta, alpha=scale * 0.5)
+            correction = (delta, scale * rho0)
+        if k.last:
+            return x_pred
+        d_next = k.D(x_pred, k.s)
+        corrected[k.i + 1] = d_next
+        x_s = torch.add(x_hat, d_next - d, alpha=scale * rho1)  # + scale rho1 (D_next - D_i)
+        return x_s if correction is None else x_s.add_(correction[0], alpha=correction[1])
+
+    return integrate(update, model, x, ts, process, **run)
 
 
 _ADAMS_BASHFORTH = (
@@ -979,24 +722,16 @@ _ADAMS_BASHFORTH = (
 )
 
 
-def plms(
-    model: Callable,
-    x: Tensor,
-    ts: Tensor,
-    process: Process,
-    *,
-    denoise_last: bool = False,
-    callback: Callable | None = None,
-) -> Tensor:
+def plms(model: Callable, x: Tensor, ts: Tensor, process: Process, **run) -> Tensor:
     r"""Pseudo linear multistep (PLMS; Liu et al., 2022), as in the Latent Diffusion sampler.
 
     The noise predictions :math:`e_i = (x_i - \alpha_i D_i)/\sigma_i` are combined with the
     Adams–Bashforth weights, :math:`e' = (55e_i - 59e_{i-1} + 37e_{i-2} - 9e_{i-3})/24` (the
     AB2 and AB3 weights while fewer are known), and moved by the DDIM transfer
 
-    .. math:: x_{i+1} = \frac{\alpha_{i+1}}{\alpha_i}(x_i - \sigma_i e') + \sigma_{i+1}e'.
+    .. math:: x_s = \frac{\alpha_s}{\alpha_t}(x_t - \sigma_t e') + \sigma_s e'.
 
-    The first step is a pseudo improved Euler step, :math:`e' = (e_i + e(\tilde x, t_{i+1}))/2`
+    The first step is a pseudo improved Euler step, :math:`e' = (e_i + e(\tilde x, s))/2`
     with :math:`\tilde x` the DDIM step, as in Latent Diffusion; the paper warms up with three
     pseudo Runge–Kutta steps of four calls instead.  In :math:`y = x/\alpha` and the noise level
     :math:`\bar\sigma = \sigma/\alpha` the transfer is Euler's method for :math:`dy/d\bar\sigma
@@ -1004,59 +739,118 @@ def plms(
     :math:`\bar\sigma` (``time_grid(..., kind="karras", rho=1)``): there the AB4 body is of
     order 4 and the second-order start adds one :math:`O(h^3)` term, so the order is 3 at least
     (about 4 until that small term shows).  On the other grids (log-SNR, uniform in ``t``) the
-    weights are off by :math:`O(h)` and the order is 2.
+    weights are off by :math:`O(h)` and the order is 2.  The history keeps the :math:`e_j`.
     Needs :math:`\alpha > 0` on the grid.  NFE = steps + 1.  Shapes: ``x`` ``(batch, ...)``;
     returns the same.
     """
-    ts, tm = _prepare(ts, x)
-    a, s, _, _ = _coefficients(process, ts)
-    _need_positive_alpha("plms", a, ts, "its DDIM transfer divides by alpha")
-    n = len(tm) - 1
-    # DDIM transfer: x_{i+1} = (alpha_{i+1}/alpha_i) x + (sigma_{i+1} - alpha_{i+1} sigma_i/alpha_i) e'
-    ratio = _scales((a[i + 1] / a[i] for i in range(n)), x)
-    gain = [s[i + 1] - a[i + 1] * s[i] / a[i] for i in range(n)]
+    _need_positive_alpha(
+        "plms", process, _checked_grid(ts, x), "its DDIM transfer divides by alpha"
+    )
 
-    def scaled_noise(x, i):  # sigma_i e_i = x - alpha_i D(x, t_i); 1/sigma_i goes to the weights
-        return torch.sub(x, model(x, tm[i]), alpha=a[i])
+    def transfer(x, e, t, s):  # (alpha_s / alpha_t)(x - sigma_t e) + sigma_s e, fused
+        ratio = s.alpha / t.alpha
+        return torch.add(x * ratio, e, alpha=s.sigma - ratio * t.sigma)
 
-    history: list[tuple[Tensor, float]] = []  # (sigma_k e_k, sigma_k), newest first
-    for i in range(n):
-        r = scaled_noise(x, i)
-        if not history and s[i + 1] > 0:  # pseudo improved Euler: e' = (e_i + e(x_tilde)) / 2
-            r_next = scaled_noise(torch.add(x * ratio[i], r, alpha=gain[i] / s[i]), i + 1)
-            x = torch.mul(x, ratio[i]).add_(r, alpha=0.5 * gain[i] / s[i])
-            x = x.add_(r_next, alpha=0.5 * gain[i] / s[i + 1])
-        else:
-            weights = _ADAMS_BASHFORTH[len(history)]
-            x = torch.mul(x, ratio[i])
-            for w, (r_k, s_k) in zip(weights, [(r, s[i]), *history], strict=False):
-                x = x.add_(r_k, alpha=w * gain[i] / s_k)
-        history = [(r, s[i]), *history[:2]]
-        if callback is not None:
-            callback(i, tm[i + 1], x)
-    return _finish(model, x, tm[-1], denoise_last)
+    def update(k, x):
+        e = eps_hat(x, k.D(x), k.t)
+        k.kept = e
+        if k.first and k.s.sigma > 0:  # pseudo improved Euler
+            x_tilde = transfer(x, e, k.t, k.s)
+            e_tilde = eps_hat(x_tilde, k.D(x_tilde, k.s), k.s)
+            e_prime = torch.add(e, e_tilde).mul_(0.5)
+        else:  # Adams-Bashforth: sum_j w_j e_{i-j}
+            weights = _ADAMS_BASHFORTH[len(k.history)]
+            e_prime = e * weights[0]
+            for w, (e_j, _) in zip(weights[1:], k.history, strict=True):
+                e_prime = e_prime.add_(e_j, alpha=w)
+        return transfer(x, e_prime, k.t, k.s)
+
+    return integrate(update, model, x, ts, process, **run)
 
 
-#: Every sampler of this module by its name, all with the signature
-#: ``sampler(model, x, ts, process, **options)``.
-SAMPLERS: dict[str, Callable] = {
-    "euler": euler,
-    "heun": heun,
-    "ddpm": ddpm,
-    "ddim": ddim,
-    "euler_maruyama": euler_maruyama,
-    "pc": pc,
-    "annealed_langevin": annealed_langevin,
-    "dpm_solver_1": dpm_solver_1,
-    "dpm_solver_2": dpm_solver_2,
-    "dpm_solver_3": dpm_solver_3,
-    "dpmpp_2m": dpmpp_2m,
-    "dpmpp_3m": dpmpp_3m,
-    "unipc": unipc,
-    "plms": plms,
+# -- the registry of samplers and their facts ------------------------------------------------
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler with its facts; calling it runs the sampler.
+
+    ``order``: the order of convergence (of the path for the ODE solvers, in law for the
+    stochastic ones; None where there is none); ``calls_per_step``: model calls per step, or
+    the option whose value gives them (``calls_per_step(options)``); ``extra_calls``: calls
+    beyond the steps (PLMS's start); ``stochastic``: True, False, or the option that makes it
+    stochastic when nonzero; ``options``: the method's own options (beyond the engine's).
+    """
+
+    fn: Callable
+    order: float | None
+    calls_per_step: int | Callable = 1
+    stochastic: bool | str = False
+    options: tuple[str, ...] = ()
+    extra_calls: int = 0
+    name: str = field(default="", compare=False)
+
+    def __call__(self, model: Callable, x: Tensor, ts: Tensor, process: Process, **options):
+        return self.fn(model, x, ts, process, **options)
+
+    def is_stochastic(self, **options) -> bool:
+        """Whether the sampler draws noise under ``options``."""
+        if isinstance(self.stochastic, str):
+            return bool(options.get(self.stochastic, 0))
+        return self.stochastic
+
+    def model_calls(self, n_steps: int, **options) -> int:
+        """Model calls (NFE) over ``n_steps`` steps with ``options``, on a grid with
+        :math:`\\sigma > 0` at ``ts[-1]`` and :math:`\\alpha > 0` at ``ts[0]``."""
+        count(n_steps, "n_steps")
+        unknown = set(options) - set(self.options) - {"denoise_last"} - _ENGINE_OPTIONS
+        if unknown:
+            raise TypeError(f"{self.name} takes the options {self.options}, got {sorted(unknown)}")
+        per_step = self.calls_per_step
+        if callable(per_step):
+            per_step = per_step(options)
+        return per_step * n_steps + self.extra_calls + int(bool(options.get("denoise_last")))
+
+
+_ENGINE_OPTIONS = {"generator", "noise_sampler", "callback", "progress"}
+
+#: Every sampler of this module by its name, with its facts; all take
+#: ``(model, x, ts, process, **options)``.
+SAMPLERS: dict[str, Sampler] = {
+    name: Sampler(name=name, **facts)
+    for name, facts in {
+        "euler": dict(fn=euler, order=1),
+        "heun": dict(
+            fn=heun,
+            order=2,
+            calls_per_step=2,
+            stochastic="s_churn",
+            options=("s_churn", "s_tmin", "s_tmax", "s_noise"),
+        ),
+        "ddpm": dict(fn=ddpm, order=1, stochastic=True),
+        "ddim": dict(fn=ddim, order=1, stochastic="eta", options=("eta",)),
+        "euler_maruyama": dict(fn=euler_maruyama, order=1, stochastic=True),
+        "pc": dict(
+            fn=pc,
+            order=1,
+            calls_per_step=lambda o: 1 + count(o.get("n_corrector", 1), "n_corrector", low=0),
+            stochastic=True,
+            options=("snr", "n_corrector"),
+        ),
+        "annealed_langevin": dict(
+            fn=annealed_langevin,
+            order=None,
+            calls_per_step=lambda o: count(o.get("n_steps_each", 1), "n_steps_each"),
+            stochastic=True,
+            options=("eps", "n_steps_each"),
+        ),
+        "dpm_solver_1": dict(fn=dpm_solver_1, order=1),
+        "dpm_solver_2": dict(fn=dpm_solver_2, order=2, calls_per_step=2),
+        "dpm_solver_3": dict(fn=dpm_solver_3, order=3, calls_per_step=3),
+        "dpmpp_2m": dict(fn=dpmpp_2m, order=2),
+        "dpmpp_3m": dict(fn=dpmpp_3m, order=3),
+        "unipc": dict(fn=unipc, order=3),
+        "plms": dict(fn=plms, order=2, extra_calls=1),
+    }.items()
 }
-
-_CALLS_PER_STEP = {"heun": 2, "dpm_solver_2": 2, "dpm_solver_3": 3}
 
 
 def model_calls(name: str, n_steps: int, **options) -> int:
@@ -1064,19 +858,10 @@ def model_calls(name: str, n_steps: int, **options) -> int:
 
     For a grid with :math:`0 < \\sigma` at ``ts[-1]`` and :math:`0 < \\alpha` at ``ts[0]`` (no step
     of infinite log-SNR length), with the sampler's options (``n_corrector``, ``n_steps_each``,
-    ``denoise_last``).
+    ``denoise_last``).  The same as ``SAMPLERS[name].model_calls(n_steps, **options)``.
     """
-    if name not in SAMPLERS:
-        raise ValueError(f"name must be one of {tuple(SAMPLERS)}, got name = {name!r}")
-    require(_is_count(n_steps, 1), "n_steps", n_steps, "an integer >= 1")
-    if name == "pc":
-        per_step = 1 + options.get("n_corrector", 1)
-    elif name == "annealed_langevin":
-        per_step = options.get("n_steps_each", 1)
-    else:
-        per_step = _CALLS_PER_STEP.get(name, 1)
-    extra = 1 if name == "plms" else 0
-    return per_step * n_steps + extra + int(bool(options.get("denoise_last", False)))
+    require(name in SAMPLERS, "name", name, f"one of {tuple(SAMPLERS)}")
+    return SAMPLERS[name].model_calls(n_steps, **options)
 
 
 # -- skipping the early steps with the Gaussian closed form ------------------------------------
@@ -1130,7 +915,7 @@ def gaussian_skip(
         t_skip = float(t_skip)
     t_first, t_last = float(ts[0]), float(ts[-1])
     require(
-        _is_real(t_skip) and t_last < t_skip <= t_first,
+        isinstance(t_skip, (int, float)) and t_last < t_skip <= t_first,
         "t_skip",
         t_skip,
         f"a number in (ts[-1], ts[0]] = ({t_last:.6g}, {t_first:.6g}]",

@@ -40,7 +40,19 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from diffcore._checks import per_sample, same_shape
+from diffcore.checks import (
+    between,
+    count,
+    finite,
+    floating,
+    one_of,
+    per_sample,
+    positive,
+    real,
+    returned,
+    returned_shape,
+    same_shape,
+)
 from diffcore.processes import Linear, Process
 from diffcore.targets import TARGETS
 
@@ -78,10 +90,13 @@ def uniform_time(t_min: float = 1e-3, t_max: float = 1.0) -> Callable:
     ``t_min > 0`` keeps :math:`\\sigma_t > 0` (VP and Linear have :math:`\\sigma_0 = 0`, where
     the score target and the ELBO weight are infinite).
     """
-    if not (0 <= t_min < t_max <= 1):
+    real(t_min, "t_min")
+    real(t_max, "t_max")
+    if not 0 <= t_min < t_max <= 1:
         raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min = {t_min}, t_max = {t_max}")
 
     def sample(n: int, generator: torch.Generator | None = None) -> Tensor:
+        n = count(n, "n", low=0)
         device = generator.device if generator is not None else None
         u = torch.rand(n, generator=generator, dtype=torch.float64, device=device)
         return t_min + (t_max - t_min) * u
@@ -102,7 +117,9 @@ def uniform_logsnr_time(process: Process, t_min: float = 1e-3, t_max: float = 1.
     counts once, where uniform times spend most draws at high noise.  Needs a finite
     :math:`\lambda` at both ends (``t_min > 0``; for Linear, ``t_max < 1``).
     """
-    if not (0 < t_min < t_max <= 1):
+    real(t_min, "t_min")
+    real(t_max, "t_max")
+    if not 0 < t_min < t_max <= 1:
         raise ValueError(f"need 0 < t_min < t_max <= 1, got t_min = {t_min}, t_max = {t_max}")
     lam_high, lam_low = float(process.lam(t_min)), float(process.lam(t_max))
     if not (math.isfinite(lam_high) and math.isfinite(lam_low)):
@@ -112,6 +129,7 @@ def uniform_logsnr_time(process: Process, t_min: float = 1e-3, t_max: float = 1.
         )
 
     def sample(n: int, generator: torch.Generator | None = None) -> Tensor:
+        n = count(n, "n", low=0)
         device = generator.device if generator is not None else None
         u = torch.rand(n, generator=generator, dtype=torch.float64, device=device)
         return process.t_of_lam(lam_high + (lam_low - lam_high) * u)
@@ -131,13 +149,15 @@ def drop_labels(label: Tensor, p_uncond: float, null_label: int, generator=None)
     :math:`p(x)`, which classifier-free guidance combines (Ho & Salimans, 2022).
     Shapes: ``label`` ``(batch,)`` integers; returns ``(batch,)``.
     """
-    if not 0 <= p_uncond <= 1:
-        raise ValueError(f"p_uncond must lie in [0, 1], got p_uncond = {p_uncond}")
+    p_uncond = between(p_uncond, "p_uncond", 0, 1)
+    if not isinstance(label, Tensor) or label.is_floating_point() or label.is_complex():
+        raise TypeError(f"label must be an integer tensor (batch,), got label = {label!r}")
     drop = _rand(torch.rand, label.shape, generator, label, torch.float64) < p_uncond
     return torch.where(drop, torch.full_like(label, null_label), label)
 
 
 def _labels_for(model, label, p_uncond: float, generator) -> Tensor | None:
+    p_uncond = between(p_uncond, "p_uncond", 0, 1)
     if p_uncond == 0:
         return label
     if label is None:
@@ -153,8 +173,24 @@ def _labels_for(model, label, p_uncond: float, generator) -> Tensor | None:
 
 # -- the regression ----------------------------------------------------------------------------
 def _check_target(target: str) -> None:
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got target = {target!r}")
+    one_of(target, "target", TARGETS)
+
+
+def _check_x0(x0, name: str = "x0") -> Tensor:
+    """A batch of data: a finite float32 or float64 tensor ``(batch, ...)``, batch >= 1."""
+    finite(x0, name)
+    if x0.is_complex() or x0.ndim < 1 or x0.shape[0] == 0:
+        raise ValueError(
+            f"{name} must be a real tensor (batch, ...) with batch >= 1, got {name} of shape "
+            f"{tuple(x0.shape)} and dtype {x0.dtype}"
+        )
+    return x0
+
+
+def _draw_times(t_sampler: Callable, x0: Tensor, generator) -> Tensor:
+    """One time per sample from ``t_sampler``, checked to be a tensor ``(batch,)``."""
+    t = t_sampler(x0.shape[0], generator)
+    return floating(returned_shape(t, (x0.shape[0],), "t_sampler"), "t_sampler's times")
 
 
 def _coefficients(target: str, a, s, da, ds):
@@ -179,10 +215,10 @@ def _regress(model, x0: Tensor, eps: Tensor, t: Tensor, process: Process, target
     y = c0 * x0 + c_eps * eps
     x_t = a * x0 + s * eps
     pred = model(x_t, t) if label is None else model(x_t, t, label)
-    same_shape(pred, x0, "model output", "x0")
+    returned(pred, x0, "model")
     squared = ((pred - y) ** 2).flatten(1).sum(1)
     if weighting is not None:
-        squared = weighting(t) * squared
+        squared = returned_shape(weighting(t), squared.shape, "weighting") * squared
     return squared.mean()
 
 
@@ -206,7 +242,8 @@ def diffusion_loss(
     the label dropout.  Shapes: ``x0`` ``(batch, ...)``; returns a scalar.
     """
     _check_target(target)
-    t = (t_sampler or uniform_time())(x0.shape[0], generator)
+    _check_x0(x0)
+    t = _draw_times(t_sampler or uniform_time(), x0, generator)
     eps = _rand(torch.randn, x0.shape, generator, x0)
     label = _labels_for(model, label, p_uncond, generator)
     return _regress(model, x0, eps, t, process, target, weighting, label)
@@ -336,6 +373,8 @@ def ot_pairing(x0: Tensor, noise: Tensor) -> Tensor:
     (2023) and Pooladian et al. (2023).  Shapes: ``x0`` and ``noise`` ``(batch, ...)``;
     returns ``(batch,)`` indices, so that ``noise[perm]`` pairs with ``x0``.
     """
+    _check_x0(x0)
+    _check_x0(noise, "noise")
     same_shape(x0, noise, "x0", "noise")
     cost = torch.cdist(x0.detach().flatten(1), noise.detach().flatten(1)) ** 2
     _, cols = scipy.optimize.linear_sum_assignment(cost.cpu().numpy())  # rows come in order
@@ -361,9 +400,9 @@ def cfm_loss(
     straightens the learned paths.  ``t`` is uniform on [0, 1) by default.  Shapes: ``x0``
     ``(batch, ...)``; returns a scalar.
     """
-    if coupling not in ("independent", "ot"):
-        raise ValueError(f"coupling must be 'independent' or 'ot', got coupling = {coupling!r}")
-    t = (t_sampler or uniform_time(0.0, 1.0))(x0.shape[0], generator)
+    one_of(coupling, "coupling", ("independent", "ot"))
+    _check_x0(x0)
+    t = _draw_times(t_sampler or uniform_time(0.0, 1.0), x0, generator)
     eps = _rand(torch.randn, x0.shape, generator, x0)
     if coupling == "ot":
         eps = eps[ot_pairing(x0, eps)]
@@ -382,10 +421,12 @@ def reflow_pairs(denoiser: Callable, noise: Tensor, ts: Tensor, sampler: str = "
     """
     from diffcore.samplers import SAMPLERS  # samplers imports nothing from train
 
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got sampler = {sampler!r}")
+    one_of(sampler, "sampler", sorted(SAMPLERS))
+    _check_x0(noise, "noise")
     with torch.no_grad():
-        x0 = SAMPLERS[sampler](denoiser, noise, ts, Linear())
+        x0 = returned(
+            SAMPLERS[sampler](denoiser, noise, ts, Linear()), noise, f"sampler {sampler!r}"
+        )
     return torch.stack([x0, noise], dim=1)
 
 
@@ -405,10 +446,11 @@ def reflow_loss(
     ``fit(model, reflow_loss, pairs, ...)``.  Shapes: ``pairs`` ``(batch, 2, ...)``; returns a
     scalar.
     """
+    _check_x0(pairs, "pairs")
     if pairs.ndim < 3 or pairs.shape[1] != 2:
         raise ValueError(f"pairs must have shape (batch, 2, ...), got {tuple(pairs.shape)}")
     x0, eps = pairs[:, 0], pairs[:, 1]
-    t = (t_sampler or uniform_time(0.0, 1.0))(x0.shape[0], generator)
+    t = _draw_times(t_sampler or uniform_time(0.0, 1.0), x0, generator)
     return _regress(model, x0, eps, t, Linear(), "velocity", None, None)
 
 
@@ -428,9 +470,9 @@ class EMA:
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999):
-        if not 0 <= decay < 1:
-            raise ValueError(f"decay must lie in [0, 1), got decay = {decay}")
-        self.decay = float(decay)
+        self.decay = between(decay, "decay", 0, 1, open_high=True)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.count = 0
         self.shadow = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
         self.update(model)
@@ -459,11 +501,20 @@ class EMA:
         return {"decay": self.decay, "count": self.count, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore from :meth:`state_dict`; a checkpoint of another decay is refused."""
+        """Restore from :meth:`state_dict`; a state of another decay or model is refused, and
+        leaves this average as it was."""
+        if not (isinstance(state, dict) and {"decay", "count", "shadow"} <= set(state)):
+            raise ValueError(
+                "state must be the dict of EMA.state_dict() (decay, count, shadow), got a "
+                f"{type(state).__name__}"
+                + (f" with keys {sorted(state)}" if isinstance(state, dict) else "")
+            )
         if state["decay"] != self.decay:
             raise ValueError(
                 f"the checkpoint's EMA has decay {state['decay']}, this one has {self.decay}"
             )
+        _check_fits(state["shadow"], self.shadow, "this EMA's model", "state")
+        count(state["count"], "state['count']", low=0)
         for key, value in state["shadow"].items():
             self.shadow[key].copy_(value)
         self.count = int(state["count"])
@@ -506,13 +557,119 @@ def _check_data(data) -> None:
             raise ValueError(
                 f"x and labels must have the same length, got {len(data[0])} and {len(data[1])}"
             )
-        if len(data[0]) == 0:
-            raise ValueError("data is empty")
+        x = data[0]
+        if x.ndim == 0 or len(x) == 0:
+            raise ValueError(f"data is empty: x has shape {tuple(x.shape)}")
+        if x.is_complex():
+            raise TypeError(f"data must be real, got data of dtype {x.dtype}")
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            finite(x, "data")  # raises, with the count and the first bad entry
+        if len(data) == 2 and (data[1].is_floating_point() or data[1].is_complex()):
+            raise TypeError(f"data's labels must be integers, got labels of dtype {data[1].dtype}")
     elif not (isinstance(data, Iterator) or callable(data)):
         raise ValueError(
             "data must be a tensor, a tuple (x, labels), an iterator of batches or a sampler "
             f"(n, generator) -> batch, got {type(data).__name__}"
         )
+
+
+#: What :func:`fit` writes in a checkpoint.
+CHECKPOINT_KEYS = ("step", "model", "ema", "optimizer", "generator", "losses")
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """The checkpoint at ``path``, checked to be one that :func:`fit` wrote."""
+    if path.is_dir():
+        raise ValueError(f"checkpoint = '{path}' is a directory, not a checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # torch.load's errors for a corrupt file vary with the damage
+        raise ValueError(
+            f"checkpoint = '{path}' cannot be read as a checkpoint of train.fit: the file is "
+            f"truncated, corrupt, or not written by torch.save ({type(err).__name__})"
+        ) from err
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"checkpoint = '{path}' holds a {type(state).__name__}, not the dict of train.fit"
+        )
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise ValueError(
+            f"checkpoint = '{path}' lacks the keys {missing} of a train.fit checkpoint "
+            f"(it has {sorted(map(str, state))})"
+        )
+    step, losses, ema = state["step"], state["losses"], state["ema"]
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+        raise ValueError(f"checkpoint = '{path}' has step = {step!r}, not an integer >= 0")
+    if not (isinstance(losses, Tensor) and losses.ndim == 1 and losses.numel() == step):
+        raise ValueError(
+            f"checkpoint = '{path}' must hold one loss per step ({step}), got "
+            f"{tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__}"
+        )
+    if not (isinstance(ema, dict) and {"decay", "count", "shadow"} <= set(ema)):
+        raise ValueError(f"checkpoint = '{path}' has no EMA state (decay, count, shadow)")
+    return state
+
+
+def _check_fits(saved, expected: dict, what: str, source: str) -> None:
+    """Raise unless the state dict ``saved`` (from ``source``) has the keys and shapes of
+    ``expected``."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"{source} holds no state dict for {what}")
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    shapes = [
+        f"{key}: {tuple(saved[key].shape)} saved, {tuple(value.shape)} here"
+        for key, value in expected.items()
+        if key in saved and isinstance(saved[key], Tensor) and saved[key].shape != value.shape
+    ]
+    kinds = [key for key in expected if key in saved and not isinstance(saved[key], Tensor)]
+    if missing or unexpected or shapes or kinds:
+        parts = [
+            f"{label} {items[:4]}{' ...' if len(items) > 4 else ''}"
+            for label, items in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("other shapes", shapes),
+                ("not tensors", kinds),
+            )
+            if items
+        ]
+        raise ValueError(
+            f"{source} does not fit {what} (another architecture?): " + "; ".join(parts)
+        )
+
+
+def _resume(path: Path, model: nn.Module, ema: EMA, optimizer, generator, lr: float):
+    """Load the checkpoint into ``model``, ``ema``, ``optimizer`` and ``generator``.
+
+    Everything is checked before the caller's ``model`` and ``generator`` change: a
+    checkpoint that does not fit raises and leaves them as they were.  Returns
+    ``(step, losses)``.
+    """
+    state = _read_checkpoint(path)
+    source = f"checkpoint = '{path}'"
+    _check_fits(state["model"], model.state_dict(), "this model", source)
+    _check_fits(state["ema"]["shadow"], ema.shadow, "this model's EMA", source)
+    if state["ema"]["decay"] != ema.decay:
+        raise ValueError(
+            f"checkpoint = '{path}': the checkpoint's EMA has decay {state['ema']['decay']}, "
+            f"this one has {ema.decay} (ema_decay)"
+        )
+    scratch = torch.Generator(device=generator.device)
+    try:
+        scratch.set_state(state["generator"])
+        optimizer.load_state_dict(state["optimizer"])  # fit's own optimizer: free to change
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"checkpoint = '{path}' does not fit this run: {err}") from err
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    ema.load_state_dict(state["ema"])
+    model.load_state_dict(state["model"])  # checked above: nothing can fail from here on
+    generator.set_state(state["generator"])
+    return state["step"], state["losses"].tolist()
 
 
 def _save(path: Path, state: dict) -> None:
@@ -566,14 +723,16 @@ def fit(
     - ``progress``: a tqdm bar; None shows it when stderr is a terminal or the environment
       sets ``DIFFCORE_PROGRESS=1`` (``DIFFCORE_PROGRESS=0`` hides it), so tests stay quiet.
     """
-    if not (isinstance(steps, int) and steps >= 0):
-        raise ValueError(f"steps must be a non-negative integer, got steps = {steps!r}")
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f"batch_size must be a positive integer, got batch_size = {batch_size!r}")
-    if not (isinstance(checkpoint_every, int) and checkpoint_every >= 1):
-        raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got lr = {lr}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a function, got loss_fn = {loss_fn!r}")
+    steps = count(steps, "steps", low=0)
+    batch_size = count(batch_size, "batch_size")
+    checkpoint_every = count(checkpoint_every, "checkpoint_every")
+    lr = positive(lr, "lr")
+    if not (checkpoint is None or isinstance(checkpoint, (str, os.PathLike))):
+        raise TypeError(f"checkpoint must be a file path or None, got checkpoint = {checkpoint!r}")
     _check_data(data)
     params = list(model.parameters())
     if not params:
@@ -586,14 +745,7 @@ def fit(
     step, losses = 0, []
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and resume and path.exists():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        generator.set_state(state["generator"])
-        step, losses = int(state["step"]), state["losses"].tolist()
+        step, losses = _resume(path, model, ema, optimizer, generator, lr)
 
     model.train()
     show = _show_progress(progress)
@@ -602,8 +754,15 @@ def fit(
             x0, label = _batch(data, batch_size, generator, device, dtype)
             labelled = {} if label is None else {"label": label}
             loss = loss_fn(model, x0, generator=generator, **labelled)
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise TypeError(f"loss_fn must return a scalar tensor, got {loss!r}")
             value = loss.item()
             if not math.isfinite(value):
+                if x0.is_floating_point() and not bool(torch.isfinite(x0).all()):
+                    raise ValueError(
+                        f"data must give finite batches, got one with NaN or infinite entries "
+                        f"at step {step}"
+                    )
                 raise FloatingPointError(f"the loss is {value} at step {step}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

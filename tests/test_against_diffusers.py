@@ -197,16 +197,12 @@ def test_dpm_solver_2_is_diffusers_single_step_order_2(steps, kind):
     assert float((ours - theirs).abs().max()) <= _float64_bound(2 * steps, ours)
 
 
-_OUR_3M_WEIGHTS = samplers._multistep_3_weights
+_OUR_PHI3 = samplers.phi3
 
 
-def _reference_3m_weights(h: float, h1: float, h2: float) -> tuple[float, float, float]:
-    """The bracket of DPM-Solver++(3M) as the reference codes weight it: d2 by -phi3, not -2 phi3."""
-    ours = _OUR_3M_WEIGHTS(h, h1, h2)
-    r0, r1 = h1 / h, h2 / h
-    d2 = (1 / (r0 * (r0 + r1)), -(1 / r0 + 1 / r1) / (r0 + r1), 1 / (r1 * (r0 + r1)))
-    phi3 = (math.expm1(-h) / h + 1) / h - 0.5
-    return tuple(w + phi3 * q for w, q in zip(ours, d2, strict=True))  # undo half of -2 phi3 d2
+def _reference_phi3(h: float) -> float:
+    """The reference codes weight d2 by -phi3, not -2 phi3: half of dpmpp_3m's phi3."""
+    return _OUR_PHI3(h) / 2
 
 
 def _diffusers_3m(ts, x):
@@ -230,7 +226,7 @@ def test_dpmpp_3m_is_diffusers_order_3_but_for_the_weight_of_d2(steps, kind, mon
     theirs = _diffusers_3m(ts, x)
     ours = samplers.dpmpp_3m(DENOISER, x, ts, PROCESS)
     assert float((ours - theirs).abs().max()) > 10 * _float32_bound(steps, ours)
-    monkeypatch.setattr(samplers, "_multistep_3_weights", _reference_3m_weights)
+    monkeypatch.setattr(samplers, "phi3", _reference_phi3)
     halved = samplers.dpmpp_3m(DENOISER, x, ts, PROCESS)
     assert float((halved - theirs).abs().max()) <= _float32_bound(steps, ours)
 
@@ -300,7 +296,12 @@ def test_ddpm_is_diffusers_ddpm():
     generator = torch.Generator().manual_seed(1)
     ours = [x]
     samplers.ddpm(
-        DENOISER, x, ts[:-1], PROCESS, generator=generator, callback=lambda i, t, y: ours.append(y)
+        DENOISER,
+        x,
+        ts[:-1],
+        PROCESS,
+        generator=generator,
+        callback=lambda step: ours.append(step.x),
     )
     assert len(ours) == len(theirs) == steps
     for k, (a, b) in enumerate(zip(ours, theirs, strict=True)):

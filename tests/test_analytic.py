@@ -259,5 +259,5 @@ def test_bad_calls_are_refused(process, mixture):
         mixture.score(torch.zeros(4, 2), 0.5, process, label=3)
     with pytest.raises(ValueError, match=r"t of shape \(3,\) does not broadcast"):
         mixture.log_prob(torch.zeros(4, 2), torch.full((3,), 0.5), process)
-    with pytest.raises(ValueError, match="n must be a positive integer"):
+    with pytest.raises(ValueError, match="n must be an integer >= 1, got n = 0"):
         mixture.sample(0)

@@ -190,7 +190,7 @@ def test_pnp_dm_refuses_bad_input():
         pnp.pnp_dm(lambda z, r: z, op, y, 0.1, [])
     with pytest.raises(ValueError, match="sigma_y > 0"):
         pnp.likelihood_step(op, y, 0.0, y, 0.5)
-    with pytest.raises(ValueError, match="n_steps must be a positive integer"):
+    with pytest.raises(ValueError, match="n_steps must be an integer >= 1, got n_steps = 0"):
         pnp.diffusion_prior_step(lambda x, t: x, processes.VP(), n_steps=0)
 
 

@@ -28,7 +28,7 @@ def test_toy_sets_are_deterministic_samplers(name):
     assert bool(torch.isfinite(x).all())
     assert torch.equal(x, sample(100, torch.Generator().manual_seed(0)))
     assert not torch.equal(x, sample(100, torch.Generator().manual_seed(1)))
-    with pytest.raises(ValueError, match="n must be a positive integer, got n = 0"):
+    with pytest.raises(ValueError, match="n must be an integer >= 1, got n = 0"):
         sample(0)
 
 
@@ -85,7 +85,7 @@ def test_exact_mixture_constructors():
     assert sorted(map(tuple, grid.means.tolist())) == [
         (i, j) for i in (-1.0, 0.0, 1.0) for j in (-1.0, 0.0, 1.0)
     ]
-    with pytest.raises(ValueError, match="std must be positive, got std = 0"):
+    with pytest.raises(ValueError, match="std must be a positive finite number, got std = 0"):
         data.ring_mixture(4, 1.0, 0.0)
 
 
@@ -149,7 +149,7 @@ def test_digits():
     assert big.shape == (1797, 1, 16, 16) and torch.equal(big_labels, labels)
     assert float(big.min()) >= -1 and float(big.max()) <= 1  # bilinear weights are convex
     with pytest.raises(
-        ValueError, match="split must be None, 'train' or 'test', got split = 'val'"
+        ValueError, match=r"split must be one of \(None, 'train', 'test'\), got split = 'val'"
     ):
         data.digits(split="val")
     with pytest.raises(ValueError, match="size must be an integer >= 8, got size = 4"):

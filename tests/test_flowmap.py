@@ -520,7 +520,7 @@ def test_bad_input_is_refused():
         flowmap.exact_flow_map(g.denoiser(vp), x, 0.2, 0.6, vp)
     with pytest.raises(ValueError, match="solver must be a PF-ODE solver.* got solver = 'ddpm'"):
         flowmap.exact_flow_map(g.denoiser(vp), x, 0.6, 0.2, vp, solver="ddpm")
-    with pytest.raises(ValueError, match="n_steps must be a positive integer"):
+    with pytest.raises(ValueError, match="n_steps must be an integer >= 1, got n_steps = 0"):
         flowmap.exact_flow_map(g.denoiser(vp), x, 0.6, 0.2, vp, n_steps=0)
     with pytest.raises(ValueError, match="s must be one time"):
         flowmap.exact_flow_map(g.denoiser(vp), x, torch.tensor([0.6, 0.5]), 0.2, vp)

@@ -6,7 +6,6 @@ precision, and the law CFG samples with the tilted law it is often said to sampl
 """
 
 import functools
-import inspect
 import math
 
 import numpy as np
@@ -109,8 +108,7 @@ def test_guiding_any_target_gives_the_same_denoiser(process, gen, mixture):
 
 
 def _with_noise(name):
-    params = inspect.signature(samplers.SAMPLERS[name]).parameters
-    return {"generator": torch.Generator().manual_seed(3)} if "generator" in params else {}
+    return {"generator": torch.Generator().manual_seed(3)}  # deterministic samplers ignore it
 
 
 @pytest.mark.parametrize("name", list(samplers.SAMPLERS))
@@ -286,7 +284,7 @@ def test_bad_input_is_refused(mixture):
         guidance.tilted_log_density(mixture, torch.tensor([0, 1]), 1.0)
     with pytest.raises(ValueError, match=r"label must lie in \[0, 3\), got label = \[3\]"):
         guidance.sample_tilted(mixture, 3, 1.0, 10)
-    with pytest.raises(ValueError, match="n must be a positive integer"):
+    with pytest.raises(ValueError, match="n must be an integer >= 1, got n = 0"):
         guidance.sample_tilted(mixture, 0, 1.0, 0)
     twins = analytic.GaussianMixture(
         torch.zeros(2, 1), torch.ones(2, 1, 1), torch.tensor([0.5, 0.5])
@@ -299,5 +297,7 @@ def test_bad_input_is_refused(mixture):
     )
     with pytest.raises(ValueError, match="classifier guidance needs alpha_t > 0"):
         guided(torch.zeros(3, 2), 1.0)
-    with pytest.raises(ValueError, match="one value per sample"):
+    with pytest.raises(
+        ValueError, match=r"log_prob_class must return a tensor of shape \(3,\), got shape \(\)"
+    ):
         guidance.classifier_gradient(lambda x, t, c: x.sum(), torch.zeros(3, 2), 0.5, 0)

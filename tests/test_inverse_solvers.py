@@ -34,15 +34,16 @@ def _grid(process, steps):
 def _run(name, prior, process, A, y, sigma_y, steps, n, seed, **options):
     gen = torch.Generator().manual_seed(seed)
     ts = _grid(process, steps)
-    # the start state; RED-diff reads x as its initial mu instead, so it starts from its default
+    # the start state; RED-diff has none (its mu starts from its default)
     x = (
         None
         if name == "red_diff"
         else process.prior_sample((n, *A.in_shape), t=float(ts[0]), generator=gen)
     )
     y = y.expand(n, *y.shape[1:]) if x is None else y
+    start = {} if x is None else {"x": x}
     out = sv.SOLVERS[name](
-        prior.denoiser(process), process, A, y, sigma_y, ts, x=x, generator=gen, **options
+        prior.denoiser(process), y, A, sigma_y, ts, process, generator=gen, **start, **options
     )
     return out.reshape(n, -1)
 
@@ -231,11 +232,16 @@ def test_every_solver_runs_in_every_process(name, smooth_process):
 
 # -- interface -----------------------------------------------------------------------------------
 def test_one_signature_for_all_solvers():
-    expected = ["denoiser", "process", "operator", "y", "sigma_y", "ts", "x", "generator"]
+    """The samplers' order, the measurement after the model; then keyword-only options, among
+    them the start (RED-diff's is mu), the generator, the callback and the registry's options."""
+    expected = ["model", "y", "operator", "sigma_y", "ts", "process"]
     for name, solver in sv.SOLVERS.items():
-        params = list(inspect.signature(solver).parameters.values())
-        assert [p.name for p in params[:8]] == expected, name
-        assert all(p.kind is p.KEYWORD_ONLY for p in params[8:]), name
+        params = list(inspect.signature(solver.fn).parameters.values())
+        assert [p.name for p in params[:6]] == expected, name
+        assert all(p.kind is p.KEYWORD_ONLY for p in params[6:]), name
+        keywords = {p.name for p in params[6:]}
+        start = "mu" if name == "red_diff" else "x"
+        assert keywords == {start, "generator", "callback", *solver.options}, name
 
 
 def test_solvers_are_reproducible_and_broadcast_one_y():
@@ -245,11 +251,11 @@ def test_solvers_are_reproducible_and_broadcast_one_y():
         runs = [
             solver(
                 prior.denoiser(VP),
-                VP,
-                A,
                 y.expand(4, 1),
+                A,
                 sigma_y,
                 ts,
+                VP,
                 generator=torch.Generator().manual_seed(0),
             )
             for _ in range(2)
@@ -263,20 +269,20 @@ def test_bad_input_raises_value_errors_naming_the_value():
     D = prior.denoiser(VP)
     ts = samplers.time_grid(VP, 5)
     with pytest.raises(ValueError, match=r"y must have shape .* = \(batch, 1\).*got \(1, 2\)"):
-        sv.dps(D, VP, A, torch.zeros(1, 2), sigma_y, ts)
+        sv.dps(D, torch.zeros(1, 2), A, sigma_y, ts, VP)
     with pytest.raises(ValueError, match="sigma_y = -0.5"):
-        sv.pigdm(D, VP, A, y, -0.5, ts)
+        sv.pigdm(D, y, A, -0.5, ts, VP)
     with pytest.raises(ValueError, match="has_svd is False"):
         blur = op.Blur(op.gaussian_kernel(3, 1.0), (1, 4, 4))
-        sv.ddrm(D, VP, blur, torch.zeros(1, 1, 4, 4), 0.1, ts)
+        sv.ddrm(D, torch.zeros(1, 1, 4, 4), blur, 0.1, ts, VP)
     with pytest.raises(ValueError, match="y has batch 3 but x has batch 2"):
-        sv.replacement(D, VP, A, torch.zeros(3, 1), sigma_y, ts, x=torch.zeros(2, 2))
+        sv.replacement(D, torch.zeros(3, 1), A, sigma_y, ts, VP, x=torch.zeros(2, 2))
     with pytest.raises(ValueError, match=r"alpha\(ts\[0\]\) = 0"):
         lin = processes.Linear()
-        sv.diffpir(prior.denoiser(lin), lin, A, y, sigma_y, samplers.time_grid(lin, 5))
+        sv.diffpir(prior.denoiser(lin), y, A, sigma_y, samplers.time_grid(lin, 5), lin)
     with pytest.raises(ValueError, match="eta = 1.5"):
-        sv.ddrm(D, VP, A, y, sigma_y, ts, eta=1.5)
+        sv.ddrm(D, y, A, sigma_y, ts, VP, eta=1.5)
     with pytest.raises(ValueError, match="give sigma_y > 0"):
-        sv.red_diff(D, VP, A, y, 0.0, ts)
+        sv.red_diff(D, y, A, 0.0, ts, VP)
     with pytest.raises(ValueError, match="ts must decrease"):
-        sv.dds(D, VP, A, y, sigma_y, torch.tensor([0.1, 0.5]))
+        sv.dds(D, y, A, sigma_y, torch.tensor([0.1, 0.5]), VP)

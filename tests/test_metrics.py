@@ -129,7 +129,8 @@ def test_metrics_refuse_bad_input():
     with pytest.raises(ValueError, match=r"same dimension, got d = 2 and 3"):
         metrics.gaussian_w2(z2, i2, z3, torch.eye(3))
     with pytest.raises(
-        ValueError, match=r"need mean \(d,\) and cov \(d, d\), got \(2,\) and \(3, 3\)"
+        ValueError,
+        match=r"mean1 and cov1 must have shapes \(d,\) and \(d, d\), got \(2,\) and \(3, 3\)",
     ):
         metrics.gaussian_w2(z2, torch.eye(3), z2, i2)
     with pytest.raises(ValueError, match=r"same dimension, got 2 and 3"):
@@ -138,7 +139,9 @@ def test_metrics_refuse_bad_input():
         metrics.sliced_wasserstein(torch.zeros(5, 2), torch.zeros(6, 2))
     with pytest.raises(ValueError, match=r"x must be a \(n, d\) tensor of samples, got \(5,\)"):
         metrics.sliced_wasserstein(torch.zeros(5), torch.zeros(5, 2))
-    with pytest.raises(ValueError, match=r"n_projections must be a positive integer, got 0"):
+    with pytest.raises(
+        ValueError, match=r"n_projections must be an integer >= 1, got n_projections = 0"
+    ):
         metrics.sliced_wasserstein(torch.zeros(5, 2), torch.zeros(5, 2), n_projections=0)
     with pytest.raises(ValueError, match=r"same dimension, got 2 and 3"):
         metrics.mmd(torch.zeros(5, 2), torch.zeros(5, 3))

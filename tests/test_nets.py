@@ -125,7 +125,7 @@ def test_bad_input_is_refused():
         mlp(torch.zeros(4, 3), 0.5, torch.tensor([0.5]))
     with pytest.raises(ValueError, match="unconditional"):
         unet(torch.zeros(4, 2, 8, 8), 0.5, 1)
-    with pytest.raises(ValueError, match="depth must be a positive integer, got depth = 0"):
+    with pytest.raises(ValueError, match="depth must be an integer >= 1, got depth = 0"):
         nets.MLP(2, depth=0)
     with pytest.raises(ValueError, match=r"mults must be a non-empty tuple"):
         nets.UNet(mults=())

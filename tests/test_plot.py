@@ -71,7 +71,7 @@ def test_image_grid_places_image_k_in_row_k_over_columns():
         (lambda: plot.box_limits(-1.0), "box = -1.0"),
         (lambda: plot.box_limits((0, 1, 2)), r"\(x_min, x_max, y_min, y_max\)"),
         (lambda: plot.box_limits((1, 0, 0, 1)), "x_min < x_max"),
-        (lambda: plot.density_grid(_gaussian(), 0.0, VP, 1.0, n=1), "n_x = 1"),
+        (lambda: plot.density_grid(_gaussian(), 0.0, VP, 1.0, n=1), "n = 1"),
         (lambda: plot.image_grid(torch.zeros(6, 3, 4, 4), 2), r"\(n, 1, h, w\)"),
         (lambda: plot.image_grid(torch.zeros(6, 1, 4, 4), 4), "rows = 4"),
     ],
@@ -117,3 +117,104 @@ def test_explorer_refuses_what_is_not_a_control_or_a_figure():
         plot.explorer(lambda t: None, t=widgets.FloatSlider())
     with pytest.raises(ValueError, match="draw must be a function"):
         plot.explorer("draw", t=widgets.FloatSlider())
+
+
+# -- the drawings the chapters share: fields, loss curves, errors against NFE, images, paths ------
+def test_vector_field_unit_arrows_are_coloured_by_log_length():
+    points = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0]])
+    field = torch.tensor([[3.0, 4.0], [0.0, -0.1], [0.0, 0.0]])
+    fig, ax = plt.subplots()
+    quiver = plot.vector_field(ax, points, field, scale=20)
+    assert quiver.U.tolist() == [0.6, 0.0, 0.0] and quiver.V.tolist() == [0.8, -1.0, 0.0]
+    shade = quiver.get_array()
+    assert shade[0] == pytest.approx(math.log10(5.0)) and shade[1] == pytest.approx(-1.0)
+    assert quiver.scale == 20
+    plt.close(fig)
+
+
+def test_vector_field_to_scale_draws_the_reference_length_in_data_units():
+    points, field = torch.zeros(2, 2), torch.tensor([[2.0, 0.0], [0.0, -1.0]])
+    fig, ax = plt.subplots()
+    quiver = plot.vector_field(ax, points, field, length=0.5, color="k")
+    # the longest vector, of length 2, is drawn 0.5 data units long: scale 2 / 0.5
+    assert quiver.scale == pytest.approx(4.0) and quiver.scale_units == "xy"
+    assert quiver.U.tolist() == [2.0, 0.0]
+    other = plot.vector_field(ax, points, field, length=0.5, reference=8.0)
+    assert other.scale == pytest.approx(16.0)
+    plt.close(fig)
+
+
+def test_loss_curve_is_the_moving_mean_ending_at_each_step():
+    losses = [4.0, 2.0, 6.0, 0.0, 1.0]
+    fig, ax = plt.subplots()
+    line = plot.loss_curve(ax, losses, window=2, raw=True)
+    assert line.get_xdata().tolist() == [2, 3, 4, 5]
+    assert line.get_ydata().tolist() == [3.0, 4.0, 3.0, 0.5]
+    assert len(ax.lines) == 2 and ax.get_xlabel() == "training step"
+    assert ax.lines[0].get_ydata().tolist() == losses
+    plt.close(fig)
+
+
+def test_error_vs_nfe_and_slope_guide_on_log_axes():
+    fig, ax = plt.subplots()
+    line = plot.error_vs_nfe(ax, [5, 10, 20], [1.0, 0.25, 0.0625], label="Heun", color="C1")
+    assert line.get_xdata().tolist() == [5, 10, 20] and line.get_label() == "Heun"
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["5", "10", "20"]
+    assert ax.get_xlabel() == "NFE"
+    guide = plot.slope_guide(ax, [5, 10, 20], 2, through=(5, 1.0))
+    assert guide.get_ydata().tolist() == [1.0, 0.25, 0.0625]  # the errors lie on order 2
+    plt.close(fig)
+
+
+def test_image_and_image_rows_show_the_pixels_and_label_the_rows():
+    fig, (left, right) = plt.subplots(1, 2)
+    picture = torch.arange(6.0).reshape(1, 1, 2, 3)
+    shown = plot.image(left, picture, "a title", vmin=None, vmax=None)
+    assert shown.get_array().tolist() == picture[0, 0].tolist()
+    assert left.get_title() == "a title" and list(left.get_xticks()) == []
+    images = torch.arange(24.0).reshape(4, 1, 2, 3)
+    tiled = plot.image_rows(right, images, 2, row_labels=["first", "second"])
+    expected = plot.image_grid(images, 2, border=float("nan"))
+    assert torch.equal(
+        torch.as_tensor(tiled.get_array().filled(float("nan"))).isnan(), expected.isnan()
+    )
+    assert [t.get_text() for t in right.get_yticklabels()] == ["first", "second"]
+    assert right.get_yticks().tolist() == [1.5, 5.5]  # the centre of each row of 2 + 2 pixels
+    plt.close(fig)
+
+
+def test_trajectories_draw_one_line_per_path_with_marks():
+    path = torch.stack([torch.zeros(3, 2), torch.ones(3, 2), 2 * torch.ones(3, 2)])  # (3, 3, 2)
+    path[:, 1] += 5
+    fig, ax = plt.subplots()
+    lines = plot.trajectories(ax, path, color="C2", chord="C1", label="exact")
+    assert len(lines) == 3 and lines[0].get_label() == "exact"
+    assert lines[1].get_xdata().tolist() == [5.0, 6.0, 7.0]
+    # 3 paths, 3 chords, 3 end marks and one set of start marks
+    assert len(ax.lines) == 10
+    plt.close(fig)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda ax: plot.vector_field(ax, torch.zeros(3, 2), torch.zeros(2, 2)), ValueError, "points and field"),
+        (lambda ax: plot.vector_field(ax, torch.zeros(2, 2), torch.ones(2, 2), length=-1), ValueError, "length"),
+        (lambda ax: plot.loss_curve(ax, [1.0, 2.0], window=3), ValueError, "window"),
+        (lambda ax: plot.nfe_axis(ax, [0, 5]), ValueError, "nfes"),
+        (lambda ax: plot.error_vs_nfe(ax, [5, 10], [1.0]), ValueError, "one error per NFE"),
+        (lambda ax: plot.slope_guide(ax, [1, 2], 1, through=(1,)), ValueError, "through"),
+        (lambda ax: plot.image(ax, torch.zeros(2, 3, 4)), ValueError, "picture"),
+        (lambda ax: plot.image(ax, "picture"), TypeError, "picture"),
+        (lambda ax: plot.image_rows(ax, torch.zeros(4, 1, 2, 2), 2, row_labels=["a"]), ValueError, "row_labels"),
+        (lambda ax: plot.trajectories(ax, torch.zeros(3, 2)), ValueError, "path"),
+    ],
+)  # fmt: skip
+def test_shared_drawings_refuse_bad_input_by_name(call, error, message):
+    fig, ax = plt.subplots()
+    try:
+        with pytest.raises(error, match=message):
+            call(ax)
+    finally:
+        plt.close(fig)

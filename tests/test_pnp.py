@@ -12,6 +12,7 @@ import torch
 from diffcore import analytic
 from diffcore.inverse import operators as op
 from diffcore.inverse import pnp
+from diffcore.stepping import Trace
 from tests.test_analytic import make_gaussian, make_mixture
 
 
@@ -150,11 +151,10 @@ def test_pnp_admm_with_the_exact_gaussian_denoiser_converges_to_the_map(gen):
     torch.testing.assert_close(
         x[0], prior.posterior(A.matrix, y[0], sigma_y).mean, rtol=0, atol=1e-9
     )
-    x, trace = pnp.pnp_admm(
-        denoise, A, y, sigma_y, sigma, gamma=2 * sigma**2, n_iter=400, history=True
-    )
+    trace = Trace()
+    x = pnp.pnp_admm(denoise, A, y, sigma_y, sigma, gamma=2 * sigma**2, n_iter=400, callback=trace)
     torch.testing.assert_close(x[0], _minimiser(prior, A, y, sigma_y, 0.5), rtol=0, atol=1e-9)
-    assert len(trace) == 400
+    assert len(trace) == 400 and trace.nfe == 400 and torch.equal(trace.xs[-1], x)
 
 
 def test_pnp_pgd_and_red_converge_to_their_closed_forms(gen):
@@ -330,8 +330,10 @@ def test_tv_fista_deblurs_and_the_approximate_prox_error_shrinks_with_the_step(g
     def objective(v):
         return float(0.5 * (A(v) - y).pow(2).sum() + lam * pnp.tv(v).sum())
 
-    x, trace = pnp.tv_fista(A, y, lam, n_iter=80, prox="exact", history=True, prox_iters=40)
-    best = float(trace[-1])
+    trace = Trace()
+    x = pnp.tv_fista(A, y, lam, n_iter=80, prox="exact", callback=trace, prox_iters=40)
+    assert len(trace) == 80 and torch.equal(trace.xs[-1], x)
+    best = objective(x)
     assert best <= objective(truth)
     assert float((x - truth).norm()) < 0.5 * float((y - truth).norm())
     lip = 1.01 * A.norm_sq()

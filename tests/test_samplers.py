@@ -26,9 +26,8 @@ def _gaussian():
 
 
 def _with_noise(name, seed=0, **options):
-    """Options for ``SAMPLERS[name]`` with a seeded generator when it takes one."""
-    if "generator" in inspect.signature(samplers.SAMPLERS[name]).parameters:
-        options["generator"] = torch.Generator().manual_seed(seed)
+    """Options for ``SAMPLERS[name]`` with a seeded generator (the deterministic ones ignore it)."""
+    options["generator"] = torch.Generator().manual_seed(seed)
     return options
 
 
@@ -358,23 +357,19 @@ def test_t_min_callback_and_denoise_last(name):
     g = _gaussian()
     x = vp.prior_sample((8, 2), generator=torch.Generator().manual_seed(0))
     ts = samplers.time_grid(vp, 6, kind="logsnr", t_min=0.05)
-    seen = []
-    out = samplers.SAMPLERS[name](
-        g.denoiser(vp),
-        x,
-        ts,
-        vp,
-        callback=lambda i, t, x: seen.append((i, t, x)),
-        **_with_noise(name),
-    )
-    assert [i for i, _, _ in seen] == list(range(6))
-    assert [float(t) for _, t, _ in seen] == ts[1:].tolist()
-    assert float(seen[-1][1]) == 0.05
-    torch.testing.assert_close(seen[-1][2], out, rtol=0, atol=0)
+    trace = samplers.Trace()
+    out = samplers.SAMPLERS[name](g.denoiser(vp), x, ts, vp, callback=trace, **_with_noise(name))
+    assert [step.i for step in trace.steps] == list(range(6))
+    assert trace.ts.tolist() == ts[1:].tolist() and float(trace.ts[-1]) == 0.05
+    torch.testing.assert_close(trace.xs[-1], out, rtol=0, atol=0)
+    assert trace.denoised.shape == (6, 8, 2)  # every step reports its estimate of x0
+    trace = samplers.Trace()
     denoised = samplers.SAMPLERS[name](
-        g.denoiser(vp), x, ts, vp, denoise_last=True, **_with_noise(name)
+        g.denoiser(vp), x, ts, vp, denoise_last=True, callback=trace, **_with_noise(name)
     )
     torch.testing.assert_close(denoised, g.denoise(out, ts[-1], vp), rtol=1e-13, atol=1e-13)
+    last = trace.steps[-1]  # the final denoise is one more step, with the returned value
+    assert last.i == 6 and last.x is denoised and last.denoised is denoised
 
 
 # annealed_langevin scales its steps by the last level, and unipc skips the corrector on its last
@@ -389,7 +384,7 @@ def test_callback_states_are_the_runs_on_shortened_grids(name):
     ts = samplers.time_grid(vp, 6, kind="logsnr", t_min=0.05)
     seen = []
     samplers.SAMPLERS[name](
-        g.denoiser(vp), x, ts, vp, callback=lambda i, t, x: seen.append(x), **_with_noise(name)
+        g.denoiser(vp), x, ts, vp, callback=lambda step: seen.append(step.x), **_with_noise(name)
     )
     short = samplers.SAMPLERS[name](g.denoiser(vp), x, ts[:4], vp, **_with_noise(name))
     torch.testing.assert_close(seen[2], short, rtol=1e-13, atol=1e-13)
@@ -416,25 +411,38 @@ def test_model_calls_are_counted(name):
     ts = samplers.time_grid(vp, 7, kind="logsnr", t_min=0.05, t_max=0.99)
     x = vp.prior_sample((4, 2), t=0.99, generator=torch.Generator().manual_seed(0))
     options = {**OPTIONS.get(name, {}), "denoise_last": True}
-    samplers.SAMPLERS[name](model, x, ts, vp, **_with_noise(name, **options))
-    assert len(calls) == samplers.model_calls(name, 7, **options)
+    trace = samplers.Trace()
+    samplers.SAMPLERS[name](model, x, ts, vp, callback=trace, **_with_noise(name, **options))
+    assert len(calls) == samplers.model_calls(name, 7, **options) == trace.nfe
 
 
 def test_registry_and_signature():
+    """SAMPLERS holds each sampler with its facts; the function's own keyword options are
+    exactly the options the registry lists (the engine's options pass through ``**run``)."""
     assert set(samplers.SAMPLERS) == {
         "euler", "heun", "ddpm", "ddim", "euler_maruyama", "pc", "annealed_langevin",
         "dpm_solver_1", "dpm_solver_2", "dpm_solver_3", "dpmpp_2m", "dpmpp_3m", "unipc", "plms",
     }  # fmt: skip
     for name, sampler in samplers.SAMPLERS.items():
-        params = inspect.signature(sampler).parameters
+        assert isinstance(sampler, samplers.Sampler) and sampler.name == name
+        params = inspect.signature(sampler.fn).parameters
         assert list(params)[:4] == ["model", "x", "ts", "process"], name
-        options = {"denoise_last", "callback"} | (
-            {"generator", "noise_sampler"} if name in NOISY else set()
-        )
-        assert options <= set(params), name
-        assert all(params[o].kind is inspect.Parameter.KEYWORD_ONLY for o in options), name
-        assert params["denoise_last"].default is False and params["callback"].default is None
-        assert sampler.__doc__ and "Shapes" in sampler.__doc__, name
+        own = [p for p in list(params)[4:] if params[p].kind is inspect.Parameter.KEYWORD_ONLY]
+        assert set(own) == set(sampler.options), name
+        assert params[list(params)[-1]].kind is inspect.Parameter.VAR_KEYWORD, name
+        assert sampler.fn.__doc__ and "Shapes" in sampler.fn.__doc__, name
+        assert (sampler.is_stochastic(**OPTIONS.get(name, {}))) == (name in NOISY), name
+        assert sampler.order in (None, 1, 2, 3), name
+    assert not samplers.SAMPLERS["ddim"].is_stochastic() and samplers.SAMPLERS["ddpm"].stochastic
+
+
+def test_model_calls_refuses_options_the_sampler_does_not_take():
+    with pytest.raises(TypeError, match=r"euler takes the options \(\), got \['eta'\]"):
+        samplers.model_calls("euler", 4, eta=0.5)
+    with pytest.raises(ValueError, match=r"n_corrector must be an integer >= 0"):
+        samplers.model_calls("pc", 4, n_corrector=-1)
+    with pytest.raises(ValueError, match=r"n_steps must be an integer below 2\*\*31"):
+        samplers.model_calls("euler", 10**30)
 
 
 @pytest.mark.parametrize("name", list(samplers.SAMPLERS))
@@ -456,7 +464,7 @@ def test_samplers_follow_the_input_dtype(name):
         ("pc", {"snr": 0.0}, r"snr must be positive and finite, got snr = 0.0"),
         ("pc", {"snr": -1}, r"snr must be positive and finite, got snr = -1"),
         ("pc", {"n_corrector": -1}, r"n_corrector must be an integer >= 0, got n_corrector = -1"),
-        ("pc", {"n_corrector": 1.5}, r"got n_corrector = 1.5"),
+        ("pc", {"n_corrector": 1.5}, r"n_corrector must be an integer >= 0, got n_corrector = 1.5"),
         ("annealed_langevin", {"eps": 0.0}, r"eps must be positive and finite, got eps = 0.0"),
         (
             "annealed_langevin",
@@ -476,7 +484,7 @@ def test_samplers_follow_the_input_dtype(name):
 def test_bad_options_are_refused(name, options, message):
     vp = processes.VP()
     ts = samplers.time_grid(vp, 4)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, TypeError), match=message):
         samplers.SAMPLERS[name](lambda x, t: x, torch.zeros(2, 2), ts, vp, **options)
 
 

@@ -18,20 +18,21 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from diffcore.checks import noise_level, positive
 from diffcore.inverse.operators import (
     LinearOperator,
-    _check_sigma_y,
-    _fourier_filter,
-    _kernel_spectra,
-    _shape,
+    as_shape,
+    fourier_filter,
+    kernel_spectra,
 )
-from diffcore.inverse.pnp import _finish, _positive, likelihood_step
+from diffcore.inverse.pnp import likelihood_step
+from diffcore.stepping import Step, emit
 
 __all__ = ["ImageBlur", "KernelBlur", "blind_pnp_dm"]
 
 
 def _kernel_shape(shape) -> tuple[int, int]:
-    shape = _shape(shape, "kernel_shape")
+    shape = as_shape(shape, "kernel_shape")
     if len(shape) != 2 or shape[0] % 2 == 0 or shape[1] % 2 == 0:
         raise ValueError(f"kernel_shape must be two odd sizes (kh, kw), got {shape}")
     return shape
@@ -43,8 +44,8 @@ class _PerEntry(LinearOperator):
     batch: int
     entry: str
 
-    def _check(self, v: Tensor, shape: tuple[int, ...], name: str) -> None:
-        super()._check(v, shape, name)
+    def check_shape(self, v: Tensor, shape: tuple[int, ...], name: str) -> None:
+        super().check_shape(v, shape, name)
         if v.shape[0] != self.batch:
             raise ValueError(
                 f"{name} must have one entry per {self.entry} ({self.batch}), got batch "
@@ -59,7 +60,7 @@ class ImageBlur(_PerEntry):
     ``(B, kh, kw)``; ``in_shape = out_shape = (C, H, W)``; inputs must have batch ``B``."""
 
     def __init__(self, kernels: Tensor, in_shape):
-        self.in_shape = self.out_shape = _shape(in_shape, "in_shape")
+        self.in_shape = self.out_shape = as_shape(in_shape, "in_shape")
         if len(self.in_shape) != 3:
             raise ValueError(f"in_shape must be (C, H, W), got {self.in_shape}")
         if not isinstance(kernels, Tensor) or kernels.ndim != 3:
@@ -69,19 +70,19 @@ class ImageBlur(_PerEntry):
         if kernels.shape[1] > self.in_shape[1] or kernels.shape[2] > self.in_shape[2]:
             raise ValueError(f"kernels {tuple(kernels.shape[1:])} exceed the image {self.in_shape}")
         self.kernels = kernels
-        self.spectrum = _kernel_spectra(kernels, self.in_shape[1:])[:, None]  # (B, 1, H, W//2+1)
+        self.spectrum = kernel_spectra(kernels, self.in_shape[1:])[:, None]  # (B, 1, H, W//2+1)
         self.batch, self.entry = kernels.shape[0], "kernel"
 
     def _forward(self, x: Tensor) -> Tensor:
-        return _fourier_filter(x, self.spectrum)
+        return fourier_filter(x, self.spectrum)
 
     def _adjoint(self, y: Tensor) -> Tensor:
-        return _fourier_filter(y, self.spectrum.conj())
+        return fourier_filter(y, self.spectrum.conj())
 
     def normal_solve(self, b: Tensor, gamma: float) -> Tensor:
-        gamma = _positive(gamma, "gamma")
-        self._check(b, self.in_shape, "in")
-        return _fourier_filter(b, 1 / (self.spectrum.abs() ** 2 + gamma))
+        gamma = positive(float(gamma), "gamma")
+        self.check_shape(b, self.in_shape, "in")
+        return fourier_filter(b, 1 / (self.spectrum.abs() ** 2 + gamma))
 
 
 class KernelBlur(_PerEntry):
@@ -101,9 +102,9 @@ class KernelBlur(_PerEntry):
         if kh > self.out_shape[1] or kw > self.out_shape[2]:
             raise ValueError(f"kernel_shape {self.in_shape} exceeds the image {self.out_shape}")
         taps = torch.eye(kh * kw, dtype=images.dtype, device=images.device).reshape(-1, kh, kw)
-        spectra = _kernel_spectra(taps, self.out_shape[1:])  # (taps, H, W//2+1)
+        spectra = kernel_spectra(taps, self.out_shape[1:])  # (taps, H, W//2+1)
         # (B, taps, C, H, W): the image blurred by each unit tap
-        columns = _fourier_filter(images[:, None], spectra[None, :, None])
+        columns = fourier_filter(images[:, None], spectra[None, :, None])
         self.matrix = columns.reshape(images.shape[0], kh * kw, -1).transpose(1, 2)
         self.gram = self.matrix.transpose(1, 2) @ self.matrix
         self.batch, self.entry = images.shape[0], "image"
@@ -117,8 +118,8 @@ class KernelBlur(_PerEntry):
         return out.reshape(y.shape[0], *self.in_shape).to(y.dtype)
 
     def normal_solve(self, b: Tensor, gamma: float) -> Tensor:
-        gamma = _positive(gamma, "gamma")
-        self._check(b, self.in_shape, "in")
+        gamma = positive(float(gamma), "gamma")
+        self.check_shape(b, self.in_shape, "in")
         eye = torch.eye(self.gram.shape[-1], dtype=self.gram.dtype, device=self.gram.device)
         rhs = b.reshape(b.shape[0], -1, 1).to(self.gram.dtype)
         return torch.linalg.solve(self.gram + gamma * eye, rhs).reshape(b.shape).to(b.dtype)
@@ -137,7 +138,7 @@ def blind_pnp_dm(
     kernel: Tensor | None = None,
     kernel_copy: Tensor | None = None,
     generator: torch.Generator | None = None,
-    history: bool = False,
+    callback: Callable | None = None,
 ):
     r"""Blind-PnPDM (Li, Gan & Kamilov, 2025): samples of the image *and* the kernel given
     :math:`y = k \circledast x + \sigma_y n`, from a split Gibbs sampler with two priors.
@@ -166,17 +167,18 @@ def blind_pnp_dm(
     Starts: ``x`` (default ``y``), ``kernel`` (default the identity kernel, a centred delta) and
     ``kernel_copy`` :math:`w` (default ``kernel``); :math:`z` needs none, as step 1 draws it
     afresh, so ``(x, kernel, kernel_copy)`` is the whole state of a chain.  Each batch entry is
-    its own chain.  Returns ``(x, kernel)`` (and
-    the list of ``(x, kernel)`` iterates with ``history=True``).  Shapes: ``y`` ``(B, C, H, W)``;
+    its own chain.  Returns ``(x, kernel)``; ``callback(step)`` sees each sweep
+    (:class:`~diffcore.stepping.Step` with ``x`` the image, ``t`` the coupling :math:`\rho`,
+    ``state["kernel"]`` the kernel).  Shapes: ``y`` ``(B, C, H, W)``;
     returns ``(B, C, H, W)`` and ``(B, kh, kw)``.
     """
     kh, kw = _kernel_shape(kernel_shape)
-    sigma_y = _check_sigma_y(sigma_y)
+    sigma_y = noise_level(sigma_y, "sigma_y")
     if not isinstance(y, Tensor) or y.ndim != 4:
         got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
         raise ValueError(f"y must be (B, C, H, W), got {got}")
-    rhos = [_positive(r, "rho") for r in rhos]
-    kernel_rhos = [_positive(r, "kernel rho") for r in kernel_rhos]
+    rhos = [positive(float(r), "rho") for r in rhos]
+    kernel_rhos = [positive(float(r), "kernel rho") for r in kernel_rhos]
     if not rhos or len(rhos) != len(kernel_rhos):
         raise ValueError(
             f"rhos and kernel_rhos must be non-empty and of one length, got {len(rhos)} and "
@@ -195,12 +197,10 @@ def blind_pnp_dm(
     w = kernel.clone() if kernel_copy is None else kernel_copy.clone()
     if tuple(w.shape) != tuple(kernel.shape):
         raise ValueError(f"kernel_copy must be {tuple(kernel.shape)}, got {tuple(w.shape)}")
-    trace = [] if history else None
-    for rho, rho_k in zip(rhos, kernel_rhos, strict=True):
+    for i, (rho, rho_k) in enumerate(zip(rhos, kernel_rhos, strict=True)):
         z = likelihood_step(ImageBlur(w, image_shape), y, sigma_y, x, rho, generator)
         x = image_prior_step(z, rho)
         w = likelihood_step(KernelBlur(z, (kh, kw)), y, sigma_y, kernel, rho_k, generator)
         kernel = kernel_prior_step(w, rho_k)
-        if trace is not None:
-            trace.append((x.clone(), kernel.clone()))
-    return _finish((x, kernel), trace)
+        emit(callback, Step(i, rho, x, x, 2 * (i + 1), state={"kernel": kernel}))
+    return x, kernel

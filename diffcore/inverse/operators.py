@@ -30,7 +30,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffcore._checks import positive
+from diffcore.checks import (
+    between,
+    count,
+    finite,
+    float_dtype,
+    floating,
+    noise_level,
+    positive,
+    real,
+    returned,
+    sizes,
+)
 
 __all__ = [
     "LinearOperator",
@@ -51,6 +62,9 @@ __all__ = [
     "dot_test",
     "inner",
     "conjugate_gradient",
+    "as_shape",
+    "kernel_spectra",
+    "fourier_filter",
 ]
 
 
@@ -82,26 +96,54 @@ def conjugate_gradient(
     r"""Conjugate gradients for :math:`M x = b`, :math:`M` symmetric positive semi-definite,
     each sample of the batch with its own step sizes.
 
-    Starting from ``x`` (zero by default), ``n_iter`` iterations at most; a sample stops when its
-    residual norm falls below ``tol`` (at least :math:`10^{-13}`, past which round-off drives the
-    iteration) times its initial residual norm, or when its search direction has a Rayleigh
-    quotient :math:`10^{12}` times below the largest seen (the numerical null space of a
-    singular :math:`M`, where a step would amplify round-off).  From ``x = 0`` on a consistent system with
-    singular :math:`M` the iterates stay in the range of :math:`M`: the limit is the
+    ``b`` and ``x`` must be finite, and ``apply(v)`` must return a tensor of ``v``'s shape
+    (checked at every call) with finite values (read once, with the first convergence test,
+    at no extra synchronisation).  Starting from ``x`` (zero by default, else of ``b``'s
+    shape), ``n_iter >= 1`` iterations at most; a sample stops when its residual norm falls
+    below ``tol`` (at least :math:`10^{-13}`, past which round-off drives the iteration) times
+    its initial residual norm, or when its search direction has a Rayleigh quotient
+    :math:`10^{12}` times below the largest seen (the numerical null space of a singular
+    :math:`M`, where a step would amplify round-off).  From ``x = 0`` on a consistent system
+    with singular :math:`M` the iterates stay in the range of :math:`M`: the limit is the
     minimum-norm solution.  Shapes: ``b``, ``x`` ``(B, ...)``; returns ``(B, ...)``.
     """
+    if not callable(apply):
+        raise TypeError(f"apply must be a function v -> M v, got {type(apply).__name__}")
+    finite(b, "b")
+    if b.ndim < 1 or b.shape[0] == 0:
+        raise ValueError(f"b must be a batch (B, ...) with B >= 1, got b of shape {tuple(b.shape)}")
+    if x is not None:
+        finite(x, "x")
+        if x.shape != b.shape:
+            raise ValueError(
+                f"x must have the shape of b, {tuple(b.shape)}, got x of shape {tuple(x.shape)}"
+            )
+    n_iter = count(n_iter, "n_iter")
+    tol = real(tol, "tol")
+    if tol < 0:
+        raise ValueError(f"tol must be >= 0, got tol = {tol!r}")
     x = torch.zeros_like(b) if x is None else x.clone()
-    r = b - apply(x)
+    r = b - returned(apply(x), x, "apply")
     p = r.clone()
     rs = _sq_norm(r)
     stop = max(tol, 1e-13) ** 2 * rs
     shape = (-1,) + (1,) * (b.ndim - 1)
     largest = torch.zeros_like(rs)  # the largest Rayleigh quotient p^T M p / p^T p seen
-    for _ in range(n_iter):
+    for i in range(n_iter):
         active = rs > stop
-        if not bool(active.any()):
+        if i == 0:  # the first test also reads back whether M x was finite
+            any_active, finite_start = torch.stack(
+                [active.any(), torch.isfinite(rs).all()]
+            ).tolist()
+            if not finite_start:
+                raise ValueError(
+                    "apply must return finite values, got NaN or infinite entries in apply(x)"
+                )
+            if not any_active:
+                break
+        elif not bool(active.any()):
             break
-        mp = apply(p)
+        mp = returned(apply(p), p, "apply")
         curvature = inner(p, mp)
         quotient = curvature / _sq_norm(p).clamp(min=1e-300)
         largest = torch.maximum(largest, quotient)
@@ -135,22 +177,42 @@ class LinearOperator:
         raise NotImplementedError
 
     # -- checked public maps ---------------------------------------------------------------
-    def _check(self, v: Tensor, shape: tuple[int, ...], name: str) -> None:
-        if not isinstance(v, Tensor) or v.ndim != len(shape) + 1 or tuple(v.shape[1:]) != shape:
-            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+    def check_shape(self, v: Tensor, shape: tuple[int, ...], name: str) -> None:
+        """``v`` of shape ``(batch, *shape)`` and of a dtype diffcore computes in; ``name`` is
+        the argument (``"in"`` and ``"out"`` stand for ``x`` and ``y``).  Reads no values."""
+        arg = {"in": "x", "out": "y"}.get(name, name)
+        if name in ("in", "out"):
+            which = name
+        else:
+            which = "in" if shape == self.in_shape else "out"
+        floating(v, arg, complex_ok=which == "out" and self.complex_output)
+        if v.ndim != len(shape) + 1 or tuple(v.shape[1:]) != shape:
             raise ValueError(
-                f"{name} must have shape (batch, *{name}_shape) = (batch, {', '.join(map(str, shape))}) "
-                f"for {type(self).__name__}, got {got}"
+                f"{arg} must have shape (batch, *{which}_shape) = "
+                f"(batch, {', '.join(map(str, shape))}) for {type(self).__name__}, got "
+                f"{tuple(v.shape)}"
             )
+
+    def check_input(self, x: Tensor, name: str = "x") -> Tensor:
+        """Check that ``x`` is an input of this operator: a float32 or float64 tensor
+        ``(B, *in_shape)``.  Reads no values (no synchronisation).  Returns ``x``."""
+        self.check_shape(x, self.in_shape, name)
+        return x
+
+    def check_output(self, y: Tensor, name: str = "y") -> Tensor:
+        """Check that ``y`` is a measurement of this operator: a float32 or float64 (or complex)
+        tensor ``(B, *out_shape)``.  Reads no values (no synchronisation).  Returns ``y``."""
+        self.check_shape(y, self.out_shape, name)
+        return y
 
     def forward(self, x: Tensor) -> Tensor:
         """:math:`A x`: ``(B, *in_shape) -> (B, *out_shape)``."""
-        self._check(x, self.in_shape, "in")
+        self.check_shape(x, self.in_shape, "in")
         return self._forward(x)
 
     def adjoint(self, y: Tensor) -> Tensor:
         """:math:`A^\\top y` (real adjoint): ``(B, *out_shape) -> (B, *in_shape)``."""
-        self._check(y, self.out_shape, "out")
+        self.check_shape(y, self.out_shape, "out")
         return self._adjoint(y)
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -166,7 +228,7 @@ class LinearOperator:
         Shapes: ``b`` ``(B, *in_shape)``; returns the same.
         """
         gamma = positive(gamma, "gamma")
-        self._check(b, self.in_shape, "in")
+        self.check_shape(b, self.in_shape, "in")
         return conjugate_gradient(
             lambda v: self.normal(v) + gamma * v, b, n_iter=self.cg_iters, tol=self.cg_tol
         )
@@ -181,7 +243,10 @@ class LinearOperator:
     def norm_sq(self, n_iter: int = 200, dtype: torch.dtype = torch.float64) -> float:
         """:math:`\\lVert A\\rVert_2^2`, the largest eigenvalue of :math:`A^\\top A`, by the power
         method from a fixed start (the Lipschitz constant of the gradient of
-        :math:`\\tfrac12\\lVert y - Ax\\rVert^2`); a lower estimate that converges from below."""
+        :math:`\\tfrac12\\lVert y - Ax\\rVert^2`); a lower estimate that converges from below.
+        ``n_iter >= 1`` iterations in ``dtype`` (float32 or float64)."""
+        n_iter = count(n_iter, "n_iter")
+        dtype = float_dtype(dtype)
         gen = torch.Generator().manual_seed(0)
         v = torch.randn(1, *self.in_shape, generator=gen, dtype=dtype)
         value = 0.0
@@ -224,14 +289,10 @@ class LinearOperator:
         return f"{type(self).__name__}(in_shape={self.in_shape}, out_shape={self.out_shape})"
 
 
-def _shape(shape, name: str = "shape") -> tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in shape)
-    except TypeError as err:
-        raise ValueError(f"{name} must be a tuple of positive integers, got {shape!r}") from err
-    if not shape or any(s < 1 for s in shape):
-        raise ValueError(f"{name} must be a tuple of positive integers, got {shape!r}")
-    return shape
+def as_shape(shape, name: str = "shape") -> tuple[int, ...]:
+    """``shape`` checked to be a non-empty tuple of positive integers (or one integer), as a
+    tuple: the ``in_shape`` and ``out_shape`` of an operator."""
+    return sizes(shape, name)
 
 
 # -- dense ---------------------------------------------------------------------------------------
@@ -240,14 +301,14 @@ class MatrixOperator(LinearOperator):
     ``prod(in_shape) = d``): the small problems of the exact-posterior tests."""
 
     def __init__(self, matrix: Tensor, in_shape=None):
-        matrix = torch.as_tensor(matrix)
-        if matrix.ndim != 2 or not matrix.is_floating_point():
-            raise ValueError(f"matrix must be a real 2-D tensor (m, d), got {tuple(matrix.shape)}")
-        if not bool(torch.isfinite(matrix).all()):
-            raise ValueError("matrix must be finite")
+        matrix = finite(floating(torch.as_tensor(matrix), "matrix"), "matrix")
+        if matrix.ndim != 2:
+            raise ValueError(
+                f"matrix must be a 2-D tensor (m, d), got matrix of shape {tuple(matrix.shape)}"
+            )
         self.matrix = matrix
         m, d = matrix.shape
-        self.in_shape = (d,) if in_shape is None else _shape(in_shape, "in_shape")
+        self.in_shape = (d,) if in_shape is None else as_shape(in_shape, "in_shape")
         if math.prod(self.in_shape) != d:
             raise ValueError(f"in_shape {self.in_shape} does not have d = {d} entries")
         self.out_shape = (m,)
@@ -268,7 +329,7 @@ class MatrixOperator(LinearOperator):
         return self._svd
 
     def pinv(self, y: Tensor) -> Tensor:
-        self._check(y, self.out_shape, "out")
+        self.check_shape(y, self.out_shape, "out")
         u, s, vh = (f.to(dtype=y.dtype, device=y.device) for f in self._factors())
         cut = s.amax() * max(self.matrix.shape) * torch.finfo(s.dtype).eps  # numpy's rcond
         inv = torch.where(s > cut, 1 / s.clamp(min=1e-300), 0.0)
@@ -278,7 +339,7 @@ class MatrixOperator(LinearOperator):
 
     def normal_solve(self, b: Tensor, gamma: float) -> Tensor:
         gamma = positive(gamma, "gamma")
-        self._check(b, self.in_shape, "in")
+        self.check_shape(b, self.in_shape, "in")
         a = self._on(b)
         gram = a.T @ a + gamma * torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
         return torch.linalg.solve(gram, b.reshape(b.shape[0], -1).T).T.reshape(b.shape)
@@ -308,7 +369,7 @@ class Identity(LinearOperator):
     """:math:`A = I`: denoising.  ``shape`` is ``in_shape = out_shape``."""
 
     def __init__(self, shape):
-        self.in_shape = self.out_shape = _shape(shape)
+        self.in_shape = self.out_shape = as_shape(shape)
 
     def _forward(self, x: Tensor) -> Tensor:
         return x
@@ -317,12 +378,12 @@ class Identity(LinearOperator):
         return y
 
     def pinv(self, y: Tensor) -> Tensor:
-        self._check(y, self.out_shape, "out")
+        self.check_shape(y, self.out_shape, "out")
         return y
 
     def normal_solve(self, b: Tensor, gamma: float) -> Tensor:
         gamma = positive(gamma, "gamma")
-        self._check(b, self.in_shape, "in")
+        self.check_shape(b, self.in_shape, "in")
         return b / (1 + gamma)
 
     @property
@@ -345,9 +406,8 @@ def random_mask(shape, keep: float, generator: torch.Generator | None = None) ->
     """A mask of ``shape`` that keeps ``round(keep * numel)`` entries chosen uniformly at random
     (True = observed); for images ``(C, H, W)`` use ``(1, H, W)`` and ``expand``, or give the
     full shape to mask channels independently."""
-    shape = _shape(shape)
-    if not (isinstance(keep, (int, float)) and 0 < keep <= 1):
-        raise ValueError(f"keep must lie in (0, 1], got keep = {keep!r}")
+    shape = as_shape(shape)
+    keep = between(keep, "keep", 0, 1, open_low=True)
     n = math.prod(shape)
     order = torch.randperm(n, generator=generator)
     mask = torch.zeros(n, dtype=torch.bool)
@@ -358,9 +418,11 @@ def random_mask(shape, keep: float, generator: torch.Generator | None = None) ->
 def box_mask(shape, top: int, left: int, height: int, width: int) -> Tensor:
     """A mask of ``shape = (..., H, W)`` that hides the box ``[top, top + height) x [left, left +
     width)`` in every channel (False there, True elsewhere)."""
-    shape = _shape(shape)
+    shape = as_shape(shape)
     if len(shape) < 2:
-        raise ValueError(f"box_mask needs a shape (..., H, W), got {shape}")
+        raise ValueError(f"box_mask needs a shape (..., H, W), got shape = {shape}")
+    top, left = count(top, "top", low=0), count(left, "left", low=0)
+    height, width = count(height, "height"), count(width, "width")
     h, w = shape[-2:]
     if not (0 <= top < top + height <= h and 0 <= left < left + width <= w):
         raise ValueError(
@@ -383,7 +445,10 @@ class Inpainting(LinearOperator):
     def __init__(self, mask: Tensor):
         mask = torch.as_tensor(mask)
         if mask.dtype != torch.bool or mask.ndim < 1:
-            raise ValueError(f"mask must be a boolean tensor, got dtype {mask.dtype}")
+            raise ValueError(
+                f"mask must be a boolean tensor of at least one dimension, got mask of dtype "
+                f"{mask.dtype} and shape {tuple(mask.shape)}"
+            )
         if not bool(mask.any()):
             raise ValueError("mask keeps no entry: it must have at least one True")
         self.mask = mask
@@ -406,7 +471,7 @@ class Inpainting(LinearOperator):
 
     def normal_solve(self, b: Tensor, gamma: float) -> Tensor:
         gamma = positive(gamma, "gamma")
-        self._check(b, self.in_shape, "in")
+        self.check_shape(b, self.in_shape, "in")
         return b / (self.mask.to(dtype=b.dtype, device=b.device) + gamma)
 
     @property
@@ -434,8 +499,7 @@ def _ident(v: Tensor) -> Tensor:
 # -- blur ----------------------------------------------------------------------------------------
 def gaussian_kernel(size: int, std: float) -> Tensor:
     """A normalised ``size x size`` Gaussian kernel (``size`` odd), float64."""
-    if not (isinstance(size, int) and size >= 1 and size % 2 == 1):
-        raise ValueError(f"size must be an odd positive integer, got size = {size!r}")
+    _odd_size(size)
     std = positive(std, "std")
     r = torch.arange(size, dtype=torch.float64) - size // 2
     g = torch.exp(-0.5 * (r / std) ** 2)
@@ -447,12 +511,12 @@ def motion_kernel(size: int, angle: float, length: float | None = None) -> Tenso
     """A normalised ``size x size`` linear motion-blur kernel: a segment of ``length`` pixels
     (default ``size``) through the centre at ``angle`` degrees (counter-clockwise from the
     horizontal), drawn with bilinear weights at sub-pixel sample points, float64."""
-    if not (isinstance(size, int) and size >= 1 and size % 2 == 1):
-        raise ValueError(f"size must be an odd positive integer, got size = {size!r}")
+    _odd_size(size)
+    angle = real(angle, "angle")
     length = float(size) if length is None else positive(length, "length")
     if length > size:
         raise ValueError(f"length must be at most size = {size}, got length = {length}")
-    theta = math.radians(float(angle))
+    theta = math.radians(angle)
     u = torch.linspace(-0.5, 0.5, 8 * size + 1, dtype=torch.float64) * (length - 1)
     c = size // 2
     cols, rows = c + u * math.cos(theta), c - u * math.sin(theta)
@@ -467,7 +531,13 @@ def motion_kernel(size: int, angle: float, length: float | None = None) -> Tenso
     return k / k.sum()
 
 
-def _kernel_spectra(kernels: Tensor, size: tuple[int, int]) -> Tensor:
+def _odd_size(size) -> int:
+    if count(size, "size") % 2 == 0:
+        raise ValueError(f"size must be an odd positive integer, got size = {size!r}")
+    return size
+
+
+def kernel_spectra(kernels: Tensor, size: tuple[int, int]) -> Tensor:
     """The rFFT of each kernel (odd sizes), zero-padded to ``size`` and centred at pixel (0, 0),
     the circular-convolution convention of :class:`Blur`: ``(B, kh, kw) -> (B, H, W // 2 + 1)``."""
     kh, kw = kernels.shape[-2:]
@@ -477,9 +547,15 @@ def _kernel_spectra(kernels: Tensor, size: tuple[int, int]) -> Tensor:
     return torch.fft.rfft2(padded)
 
 
-def _fourier_filter(v: Tensor, gain: Tensor) -> Tensor:
-    """``v`` ``(..., H, W)`` multiplied by ``gain`` in the rFFT domain, back in ``v``'s dtype."""
+def fourier_filter(v: Tensor, gain: Tensor) -> Tensor:
+    """``v`` ``(..., H, W)`` multiplied by ``gain`` in the rFFT domain, back in ``v``'s dtype.
+
+    Shapes: ``gain`` broadcasts against ``(..., H, W // 2 + 1)``; returns the shape of ``v``.
+    """
     return torch.fft.irfft2(torch.fft.rfft2(v) * gain, s=v.shape[-2:]).to(v.dtype)
+
+
+# the names other modules import today
 
 
 class Blur(LinearOperator):
@@ -496,7 +572,8 @@ class Blur(LinearOperator):
 
     def __init__(self, kernel: Tensor, in_shape):
         kernel = torch.as_tensor(kernel)
-        self.in_shape = self.out_shape = _shape(in_shape, "in_shape")
+        finite(floating(kernel, "kernel"), "kernel")
+        self.in_shape = self.out_shape = as_shape(in_shape, "in_shape")
         if len(self.in_shape) != 3:
             raise ValueError(f"in_shape must be (C, H, W), got {self.in_shape}")
         _, h, w = self.in_shape
@@ -505,7 +582,7 @@ class Blur(LinearOperator):
         if kernel.shape[0] > h or kernel.shape[1] > w:
             raise ValueError(f"kernel {tuple(kernel.shape)} is larger than the image {h} x {w}")
         self.kernel = kernel.to(torch.float64)
-        self.spectrum = _kernel_spectra(self.kernel[None], (h, w))[0]  # (H, W // 2 + 1)
+        self.spectrum = kernel_spectra(self.kernel[None], (h, w))[0]  # (H, W // 2 + 1)
 
     def _spec(self, v: Tensor) -> Tensor:
         return self.spectrum.to(
@@ -513,21 +590,21 @@ class Blur(LinearOperator):
         )
 
     def _forward(self, x: Tensor) -> Tensor:
-        return _fourier_filter(x, self._spec(x))
+        return fourier_filter(x, self._spec(x))
 
     def _adjoint(self, y: Tensor) -> Tensor:
-        return _fourier_filter(y, self._spec(y).conj())
+        return fourier_filter(y, self._spec(y).conj())
 
     def normal_solve(self, b: Tensor, gamma: float) -> Tensor:
         gamma = positive(gamma, "gamma")
-        self._check(b, self.in_shape, "in")
-        return _fourier_filter(b, 1 / (self._spec(b).abs() ** 2 + gamma))
+        self.check_shape(b, self.in_shape, "in")
+        return fourier_filter(b, 1 / (self._spec(b).abs() ** 2 + gamma))
 
     def pinv(self, y: Tensor) -> Tensor:
-        self._check(y, self.out_shape, "out")
+        self.check_shape(y, self.out_shape, "out")
         h = self._spec(y)
         keep = h.abs() > self.rcond * h.abs().amax()
-        return _fourier_filter(y, torch.where(keep, 1 / torch.where(keep, h, 1), 0))
+        return fourier_filter(y, torch.where(keep, 1 / torch.where(keep, h, 1), 0))
 
 
 # -- super-resolution ----------------------------------------------------------------------------
@@ -542,11 +619,10 @@ class Downsample(LinearOperator):
     """
 
     def __init__(self, in_shape, factor: int):
-        self.in_shape = _shape(in_shape, "in_shape")
+        self.in_shape = as_shape(in_shape, "in_shape")
         if len(self.in_shape) != 3:
-            raise ValueError(f"in_shape must be (C, H, W), got {self.in_shape}")
-        if not (isinstance(factor, int) and factor >= 1):
-            raise ValueError(f"factor must be a positive integer, got factor = {factor!r}")
+            raise ValueError(f"in_shape must be (C, H, W), got in_shape = {self.in_shape}")
+        factor = count(factor, "factor")
         c, h, w = self.in_shape
         if h % factor or w % factor:
             raise ValueError(f"factor = {factor} must divide the image size {h} x {w}")
@@ -570,7 +646,7 @@ class Downsample(LinearOperator):
     def normal_solve(self, b: Tensor, gamma: float) -> Tensor:
         # A^T A = P / f^2 with P the block-mean projection: invert on range(P) and its complement
         gamma = positive(gamma, "gamma")
-        self._check(b, self.in_shape, "in")
+        self.check_shape(b, self.in_shape, "in")
         f = self.factor
         mean = self._adjoint(self._forward(b)) * f**2  # P b
         return (b - mean) / gamma + mean / (1 / f**2 + gamma)
@@ -628,11 +704,14 @@ def cartesian_mask(
     ``(H // 2, W // 2)``): whole columns (phase-encoding lines) are kept, the
     ``round(W * center_fraction)`` central ones always, and others chosen uniformly at random
     until ``round(W / acceleration)`` columns are kept."""
-    h, w = _shape(shape)
-    if not (isinstance(acceleration, (int, float)) and acceleration >= 1):
+    shape = as_shape(shape)
+    if len(shape) != 2:
+        raise ValueError(f"shape must be (H, W), got shape = {shape}")
+    h, w = shape
+    acceleration = real(acceleration, "acceleration")
+    if acceleration < 1:
         raise ValueError(f"acceleration must be >= 1, got acceleration = {acceleration!r}")
-    if not (isinstance(center_fraction, (int, float)) and 0 < center_fraction <= 1):
-        raise ValueError(f"center_fraction must lie in (0, 1], got {center_fraction!r}")
+    center_fraction = between(center_fraction, "center_fraction", 0, 1, open_low=True)
     n_center = max(1, round(w * center_fraction))
     n_total = max(n_center, round(w / acceleration))
     start = w // 2 - n_center // 2
@@ -666,8 +745,7 @@ class FourierSubsampling(LinearOperator):
             )
         if not bool(mask.any()):
             raise ValueError("mask keeps no k-space sample")
-        if not (isinstance(channels, int) and channels >= 1):
-            raise ValueError(f"channels must be a positive integer, got {channels!r}")
+        channels = count(channels, "channels")
         self.mask = mask
         self.in_shape = (channels, *mask.shape)
         self.out_shape = (channels, int(mask.sum()))
@@ -703,13 +781,13 @@ class FourierSubsampling(LinearOperator):
         return self._ifft_real(self._fft(x) * gain.to(device=x.device), x.dtype)
 
     def pinv(self, y: Tensor) -> Tensor:
-        self._check(y, self.out_shape, "out")
+        self.check_shape(y, self.out_shape, "out")
         w = self.weight
         return self._weighted(self._adjoint(y), torch.where(w > 0, 1 / w.clamp(min=0.5), 0.0))
 
     def normal_solve(self, b: Tensor, gamma: float) -> Tensor:
         gamma = positive(gamma, "gamma")
-        self._check(b, self.in_shape, "in")
+        self.check_shape(b, self.in_shape, "in")
         return self._weighted(b, 1 / (self.weight + gamma))
 
 
@@ -727,8 +805,7 @@ class Radon(LinearOperator):
     """
 
     def __init__(self, size: int, angles, circle: bool = True):
-        if not (isinstance(size, int) and size >= 2):
-            raise ValueError(f"size must be an integer >= 2, got size = {size!r}")
+        size = count(size, "size", low=2)
         angles = torch.as_tensor(angles, dtype=torch.float64).reshape(-1)
         if angles.numel() == 0 or not bool(torch.isfinite(angles).all()):
             raise ValueError(f"angles must be a non-empty list of finite degrees, got {angles}")
@@ -789,21 +866,17 @@ class Radon(LinearOperator):
 
 
 # -- measurement and checks ----------------------------------------------------------------------
-def _check_sigma_y(sigma_y) -> float:
-    if isinstance(sigma_y, Tensor) and sigma_y.numel() == 1:
-        sigma_y = float(sigma_y)
-    if not (isinstance(sigma_y, (int, float)) and math.isfinite(sigma_y) and sigma_y >= 0):
-        raise ValueError(f"sigma_y must be a finite number >= 0, got sigma_y = {sigma_y!r}")
-    return float(sigma_y)
-
-
 def measure(
     operator: LinearOperator, x: Tensor, sigma_y: float, generator: torch.Generator | None = None
 ) -> Tensor:
     r""":math:`y = A x + \sigma_y n`, :math:`n` standard normal (for complex output, real and
     imaginary parts each standard normal).  Shapes: ``x`` ``(B, *in_shape)``; returns
     ``(B, *out_shape)``."""
-    sigma_y = _check_sigma_y(sigma_y)
+    sigma_y = noise_level(sigma_y, "sigma_y")
+    if not isinstance(operator, LinearOperator):
+        raise TypeError(f"operator must be a LinearOperator, got {type(operator).__name__}")
+    operator.check_input(x)
+    finite(x, "x")
     clean = operator(x)
     if sigma_y == 0:
         return clean
@@ -826,6 +899,9 @@ def dot_test(
     r"""The largest relative gap :math:`|\langle A x, y\rangle - \langle x, A^\top y\rangle| /
     (\lVert A x\rVert \lVert y\rVert)` over ``batch`` random pairs in float64: round-off
     (~1e-15) for a correct adjoint."""
+    if not isinstance(operator, LinearOperator):
+        raise TypeError(f"operator must be a LinearOperator, got {type(operator).__name__}")
+    batch = count(batch, "batch")
     x = torch.randn(batch, *operator.in_shape, generator=generator, dtype=torch.float64)
     real = torch.randn(batch, *operator.out_shape, generator=generator, dtype=torch.float64)
     if operator.complex_output:

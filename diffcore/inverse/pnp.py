@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffcore import samplers as _samplers
-from diffcore._checks import positive
+from diffcore import samplers
 from diffcore.analytic import Gaussian, GaussianMixture
-from diffcore.inverse.operators import LinearOperator, _check_sigma_y, inner
+from diffcore.checks import count, noise_level, positive
+from diffcore.inverse.operators import LinearOperator
 from diffcore.processes import Process
+from diffcore.stepping import Step, emit
 
 __all__ = [
     "noise_level_time",
@@ -63,12 +64,6 @@ def _positive(value, name: str) -> float:
     return positive(value, name)
 
 
-def _count(value, name: str) -> int:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        raise ValueError(f"{name} must be a positive integer, got {name} = {value!r}")
-    return value
-
-
 def _sigma_tensor(sigma, x: Tensor) -> Tensor:
     """The noise level as a tensor of shape () or (B,), checked positive."""
     s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
@@ -86,12 +81,12 @@ def _per_sample(v: Tensor, x: Tensor) -> Tensor:
 def _check_problem(operator, y, sigma_y, x):
     if not isinstance(operator, LinearOperator):
         raise ValueError(f"operator must be a LinearOperator, got {type(operator).__name__}")
-    sigma_y = _check_sigma_y(sigma_y)
+    sigma_y = noise_level(sigma_y, "sigma_y")
     if sigma_y == 0:
         raise ValueError("the PnP data term divides by sigma_y^2: give sigma_y > 0")
-    operator._check(y, operator.out_shape, "out")
+    operator.check_shape(y, operator.out_shape, "out")
     x = operator.pinv(y) if x is None else x
-    operator._check(x, operator.in_shape, "in")
+    operator.check_shape(x, operator.in_shape, "in")
     return sigma_y, x.detach().clone()
 
 
@@ -220,14 +215,14 @@ def fit_patch_gmm(
     dimension ``C * patch_size**2``."""
     from diffcore.data import fit_gaussian_mixture
 
-    p = _count(patch_size, "patch_size")
+    p = count(patch_size, "patch_size")
     if not isinstance(images, Tensor) or images.ndim != 4 or min(images.shape[2:]) < p:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"images must be (N, C, H, W) with H, W >= patch_size = {p}, got {shape}")
     cols = F.unfold(images.double(), p).transpose(1, 2).reshape(-1, images.shape[1] * p * p)
     gen = torch.Generator().manual_seed(seed)
-    keep = torch.randperm(cols.shape[0], generator=gen)[: _count(max_patches, "max_patches")]
-    return fit_gaussian_mixture(cols[keep], _count(k, "k"), seed=seed)
+    keep = torch.randperm(cols.shape[0], generator=gen)[: count(max_patches, "max_patches")]
+    return fit_gaussian_mixture(cols[keep], count(k, "k"), seed=seed)
 
 
 def patch_gmm_denoiser(gmm: GaussianMixture, patch_size: int) -> Callable:
@@ -240,7 +235,7 @@ def patch_gmm_denoiser(gmm: GaussianMixture, patch_size: int) -> Callable:
     with decreasing noise levels and a half-quadratic splitting; this is its first pass.
     ``denoise`` maps ``(B, C, H, W)`` and a float ``sigma`` to ``(B, C, H, W)``.
     """
-    p = _count(patch_size, "patch_size")
+    p = count(patch_size, "patch_size")
     if not isinstance(gmm, GaussianMixture):
         raise ValueError(f"gmm must be an analytic.GaussianMixture, got {type(gmm).__name__}")
 
@@ -274,10 +269,6 @@ def _data_prox(operator: LinearOperator, v: Tensor, y: Tensor, sigma_y: float, g
     return operator.normal_solve(operator.adjoint(y) + c * v, c)
 
 
-def _finish(x: Tensor, history: list | None):
-    return (x, history) if history is not None else x
-
-
 def pnp_pgd(
     denoise: Callable,
     operator: LinearOperator,
@@ -288,7 +279,7 @@ def pnp_pgd(
     gamma: float | None = None,
     n_iter: int = 100,
     x: Tensor | None = None,
-    history: bool = False,
+    callback: Callable | None = None,
 ):
     r"""PnP proximal gradient: :math:`x_{k+1} = D_\sigma(x_k - \gamma\nabla f(x_k))`,
     :math:`f = \lVert y - Ax\rVert^2/(2\sigma_y^2)`.
@@ -297,18 +288,17 @@ def pnp_pgd(
     :math:`-\sigma^2\log p`, the prox of :math:`\gamma g` with :math:`g = -\log p` when
     :math:`\gamma = \sigma^2` (the default).  For a Gaussian prior this holds exactly and the
     iteration converges, for :math:`\gamma < 2\sigma_y^2/\lVert A\rVert^2`, to the minimiser of
-    :math:`f + (\sigma^2/\gamma)g`.  Start ``x`` (default :math:`A^+y`).  Returns ``x`` (and the
-    list of iterates with ``history=True``).
+    :math:`f + (\sigma^2/\gamma)g`.  Start ``x`` (default :math:`A^+y`).  Returns ``x``;
+    ``callback(step)`` sees each iterate (:class:`~diffcore.stepping.Step`, ``t`` the level
+    :math:`\sigma`, ``denoised`` the iterate itself).
     """
-    sigma, n_iter = _positive(sigma, "sigma"), _count(n_iter, "n_iter")
+    sigma, n_iter = _positive(sigma, "sigma"), count(n_iter, "n_iter")
     gamma = sigma**2 if gamma is None else _positive(gamma, "gamma")
     sigma_y, x = _check_problem(operator, y, sigma_y, x)
-    trace = [] if history else None
-    for _ in range(n_iter):
+    for i in range(n_iter):
         x = denoise(x - gamma * _data_grad(operator, x, y, sigma_y), sigma)
-        if trace is not None:
-            trace.append(x.clone())
-    return _finish(x, trace)
+        emit(callback, Step(i, sigma, x, x, i + 1))
+    return x
 
 
 def pnp_admm(
@@ -321,7 +311,7 @@ def pnp_admm(
     gamma: float | None = None,
     n_iter: int = 100,
     x: Tensor | None = None,
-    history: bool = False,
+    callback: Callable | None = None,
 ):
     r"""PnP-ADMM (scaled form) with penalty :math:`1/\gamma`:
 
@@ -334,27 +324,25 @@ def pnp_admm(
     :math:`g = -\log p`), ADMM converges, for every :math:`\gamma > 0`, to the minimiser of
     :math:`f + (\sigma^2/\gamma)g`: with :math:`\gamma = \sigma^2` (the default) the MAP
     estimate, which for a Gaussian prior is the posterior mean.  Start ``x`` (default
-    :math:`A^+y`), :math:`z_0 = x`, :math:`u_0 = 0`.  Returns :math:`x` (and the list of
-    iterates with ``history=True``).
+    :math:`A^+y`), :math:`z_0 = x`, :math:`u_0 = 0`.  Returns :math:`x`; ``callback(step)``
+    sees each :math:`x_k` (``denoised``: :math:`z_k`).
     """
-    sigma, n_iter = _positive(sigma, "sigma"), _count(n_iter, "n_iter")
+    sigma, n_iter = _positive(sigma, "sigma"), count(n_iter, "n_iter")
     gamma = sigma**2 if gamma is None else _positive(gamma, "gamma")
     sigma_y, z = _check_problem(operator, y, sigma_y, x)
     u = torch.zeros_like(z)
-    trace = [] if history else None
-    for _ in range(n_iter):
+    for i in range(n_iter):
         x = _data_prox(operator, z - u, y, sigma_y, gamma)
         z = denoise(x + u, sigma)
         u = u + x - z
-        if trace is not None:
-            trace.append(x.clone())
-    return _finish(x, trace)
+        emit(callback, Step(i, sigma, x, z, i + 1))
+    return x
 
 
 def dpir_sigmas(sigma_max: float, sigma_min: float, n: int) -> list[float]:
     """``n`` noise levels decreasing geometrically from ``sigma_max`` to ``sigma_min`` (DPIR's
     schedule, uniform in log sigma)."""
-    hi, lo, n = _positive(sigma_max, "sigma_max"), _positive(sigma_min, "sigma_min"), _count(n, "n")
+    hi, lo, n = _positive(sigma_max, "sigma_max"), _positive(sigma_min, "sigma_min"), count(n, "n")
     if lo > hi:
         raise ValueError(f"need sigma_min <= sigma_max, got {lo} > {hi}")
     if n == 1:
@@ -371,7 +359,7 @@ def pnp_hqs(
     *,
     lam: float = 1.0,
     x: Tensor | None = None,
-    history: bool = False,
+    callback: Callable | None = None,
 ):
     r"""Half-quadratic splitting with a decreasing noise schedule (DPIR, Zhang et al., 2021).
 
@@ -379,20 +367,19 @@ def pnp_hqs(
     :math:`x_k = \arg\min_x f(x) + \lambda\lVert x - z_{k-1}\rVert^2/(2\sigma_k^2)` (closed form
     or conjugate gradients, ``operator.normal_solve``), then :math:`z_k = D_{\sigma_k}(x_k)`.
     With ``lam = 1`` the splitting weight matches the denoiser's level.  Start :math:`z_0` =
-    ``x`` (default :math:`A^+y`).  Returns the last :math:`z` (and the iterates).
+    ``x`` (default :math:`A^+y`).  Returns the last :math:`z`; ``callback(step)`` sees each
+    :math:`z_k` (``t``: :math:`\sigma_k`).
     """
     lam = _positive(lam, "lam")
     sigmas = [_positive(float(s), "sigmas[k]") for s in sigmas]
     if not sigmas:
         raise ValueError("sigmas must hold at least one noise level")
     sigma_y, z = _check_problem(operator, y, sigma_y, x)
-    trace = [] if history else None
-    for level in sigmas:
+    for i, level in enumerate(sigmas):
         x = _data_prox(operator, z, y, sigma_y, level**2 / lam)
         z = denoise(x, level)
-        if trace is not None:
-            trace.append(z.clone())
-    return _finish(z, trace)
+        emit(callback, Step(i, level, z, z, i + 1))
+    return z
 
 
 def red(
@@ -406,7 +393,7 @@ def red(
     step: float | None = None,
     n_iter: int = 200,
     x: Tensor | None = None,
-    history: bool = False,
+    callback: Callable | None = None,
 ):
     r"""Regularisation by denoising (Romano, Elad & Milanfar, 2017), gradient form:
     :math:`x_{k+1} = x_k - \mu\,[\nabla f(x_k) + \lambda(x_k - D_\sigma(x_k))]`.
@@ -415,20 +402,20 @@ def red(
     denoiser, so with :math:`\lambda = 1/\sigma^2` (the default) RED is gradient descent on
     :math:`f - \log p_\sigma`, the MAP objective under the smoothed prior :math:`p_\sigma`.  Step
     :math:`\mu` (default :math:`1/(\lVert A\rVert^2/\sigma_y^2 + \lambda)`, safe since
-    :math:`x - D_\sigma(x)` is 1-Lipschitz for a Gaussian prior).  Returns ``x`` (and iterates).
+    :math:`x - D_\sigma(x)` is 1-Lipschitz for a Gaussian prior).  Returns ``x``;
+    ``callback(step)`` sees each iterate (``denoised``: :math:`D_\sigma(x_k)`).
     """
-    sigma, n_iter = _positive(sigma, "sigma"), _count(n_iter, "n_iter")
+    sigma, n_iter = _positive(sigma, "sigma"), count(n_iter, "n_iter")
     lam = 1 / sigma**2 if lam is None else _positive(lam, "lam")
     sigma_y, x = _check_problem(operator, y, sigma_y, x)
     if step is None:
         step = 1 / (1.01 * operator.norm_sq() / sigma_y**2 + lam)
     step = _positive(step, "step")
-    trace = [] if history else None
-    for _ in range(n_iter):
-        x = x - step * (_data_grad(operator, x, y, sigma_y) + lam * (x - denoise(x, sigma)))
-        if trace is not None:
-            trace.append(x.clone())
-    return _finish(x, trace)
+    for i in range(n_iter):
+        d = denoise(x, sigma)
+        x = x - step * (_data_grad(operator, x, y, sigma_y) + lam * (x - d))
+        emit(callback, Step(i, sigma, x, d, i + 1))
+    return x
 
 
 # -- posterior sampling: PnP-DM -----------------------------------------------------------------
@@ -455,11 +442,11 @@ def likelihood_step(
     """
     if not isinstance(operator, LinearOperator) or operator.complex_output:
         raise ValueError(f"operator must be a LinearOperator with real output, got {operator!r}")
-    sigma_y, rho = _check_sigma_y(sigma_y), _positive(rho, "rho")
+    sigma_y, rho = noise_level(sigma_y, "sigma_y"), _positive(rho, "rho")
     if sigma_y == 0:
         raise ValueError("the likelihood step needs noise: give sigma_y > 0")
-    operator._check(y, operator.out_shape, "out")
-    operator._check(x, operator.in_shape, "in")
+    operator.check_shape(y, operator.out_shape, "out")
+    operator.check_shape(x, operator.in_shape, "in")
     gamma = (sigma_y / rho) ** 2
 
     def normal(v: Tensor) -> Tensor:
@@ -491,7 +478,7 @@ def diffusion_prior_step(
     of :math:`x_0` to :math:`x_t`.  ``noise_sampler`` goes to the sampler.  Shapes: ``z``
     ``(B, ...)``; returns ``(B, ...)``.
     """
-    n_steps = _count(n_steps, "n_steps")
+    n_steps = count(n_steps, "n_steps")
     zero = torch.zeros(1, dtype=torch.float64)
     lowest = float(torch.exp(-process.lam(zero)))  # the level at t = 0
 
@@ -499,11 +486,11 @@ def diffusion_prior_step(
         rho = _positive(rho, "rho")
         t = float(noise_level_time(process, rho))
         floor = float(noise_level_time(process, max(rho / 100, lowest)))
-        ts = _samplers.time_grid(process, n_steps, kind="logsnr", t_min=floor, t_max=t)
+        ts = samplers.time_grid(process, n_steps, kind="logsnr", t_min=floor, t_max=t)
         if floor > 0:
             ts = torch.cat([ts, zero])
         start = process.alpha(torch.tensor(t, dtype=torch.float64)).item() * z
-        return _samplers.ddpm(
+        return samplers.ddpm(
             denoiser, start, ts, process, generator=generator, noise_sampler=noise_sampler
         )
 
@@ -543,7 +530,7 @@ def pnp_dm(
     *,
     x: Tensor | None = None,
     generator: torch.Generator | None = None,
-    history: bool = False,
+    callback: Callable | None = None,
 ):
     r"""PnP-DM (Wu et al., 2024): posterior sampling by a split Gibbs sampler.
 
@@ -557,21 +544,19 @@ def pnp_dm(
     e.g. :func:`dpir_sigmas`): the likelihood step :math:`z \sim \pi(z \mid x)`
     (:func:`likelihood_step`, exact), then the prior step :math:`x \sim \pi(x \mid z)`, a
     Gaussian denoising posterior, ``prior_step(z, rho)`` (:func:`diffusion_prior_step`).  Start
-    ``x`` (default :math:`A^+ y`).  Each batch entry is its own chain.  Returns the last ``x``
-    (and the list of iterates with ``history=True``).  Shapes: ``y`` ``(B, *out_shape)``;
+    ``x`` (default :math:`A^+ y`).  Each batch entry is its own chain.  Returns the last ``x``;
+    ``callback(step)`` sees each sweep's ``x`` (``t``: :math:`\rho_k`; ``nfe``: prior steps).  Shapes: ``y`` ``(B, *out_shape)``;
     returns ``(B, *in_shape)``.
     """
     sigma_y, x = _check_problem(operator, y, sigma_y, x)
     rhos = [_positive(rho, "rho") for rho in rhos]
     if not rhos:
         raise ValueError("rhos must hold at least one coupling strength")
-    trace = [] if history else None
-    for rho in rhos:
+    for i, rho in enumerate(rhos):
         z = likelihood_step(operator, y, sigma_y, x, rho, generator)
         x = prior_step(z, rho)
-        if trace is not None:
-            trace.append(x.clone())
-    return _finish(x, trace)
+        emit(callback, Step(i, rho, x, x, i + 1))
+    return x
 
 
 # -- total variation -----------------------------------------------------------------------------
@@ -612,7 +597,7 @@ def tv_prox(z: Tensor, tau: float, n_iter: int = 5000, tol: float = 1e-12) -> Te
     Shapes: ``z`` ``(B, n)`` or ``(B, C, H, W)``; returns the same.
     """
     axes = _tv_axes(z)
-    tau, n_iter = _positive(tau, "tau"), _count(n_iter, "n_iter")
+    tau, n_iter = _positive(tau, "tau"), count(n_iter, "n_iter")
     lip = 4.0 * len(axes)
     p = [torch.zeros_like(z) for _ in axes]
     q = [v.clone() for v in p]
@@ -686,7 +671,7 @@ def tv_fista(
     prox: str = "approx",
     step: float | None = None,
     x: Tensor | None = None,
-    history: bool = False,
+    callback: Callable | None = None,
     prox_iters: int = 200,
 ):
     r"""TV-regularised least squares :math:`\min_x \tfrac12\lVert y - Ax\rVert^2 + \lambda\,\mathrm{TV}(x)`
@@ -694,14 +679,14 @@ def tv_fista(
     :math:`1/\lVert A\rVert^2`), then :math:`\operatorname{prox}_{\mu\lambda\mathrm{TV}}`, exact
     (``prox="exact"``, :func:`tv_prox` with ``prox_iters`` inner iterations) or closed-form
     (``prox="approx"``, :func:`tv_prox_approx`).  Start ``x`` (default :math:`A^\top y`).
-    Returns ``x`` (and the list of objective values with ``history=True``).
+    Returns ``x``; ``callback(step)`` sees each iterate (``t`` and ``denoised`` None).
     """
-    lam, n_iter = _positive(lam, "lam"), _count(n_iter, "n_iter")
+    lam, n_iter = _positive(lam, "lam"), count(n_iter, "n_iter")
     if prox not in ("approx", "exact"):
         raise ValueError(f"prox must be 'approx' or 'exact', got prox = {prox!r}")
     if not isinstance(operator, LinearOperator):
         raise ValueError(f"operator must be a LinearOperator, got {type(operator).__name__}")
-    operator._check(y, operator.out_shape, "out")
+    operator.check_shape(y, operator.out_shape, "out")
     step = 1 / (1.01 * operator.norm_sq()) if step is None else _positive(step, "step")
     x = operator.adjoint(y) if x is None else x.detach().clone()
     _tv_axes(x)
@@ -711,17 +696,11 @@ def tv_fista(
             return tv_prox(v, step * lam, n_iter=prox_iters)
         return tv_prox_approx(v, step * lam)
 
-    def objective(v: Tensor) -> Tensor:
-        r = operator(v) - y
-        return 0.5 * inner(r, r) + lam * tv(v)
-
-    trace = [] if history else None
     w, momentum = x.clone(), 1.0
-    for _ in range(n_iter):
+    for i in range(n_iter):
         new_x = shrink(w - step * operator.adjoint(operator(w) - y))
         next_momentum = (1 + math.sqrt(1 + 4 * momentum**2)) / 2
         w = new_x + (momentum - 1) / next_momentum * (new_x - x)
         x, momentum = new_x, next_momentum
-        if trace is not None:
-            trace.append(objective(x))
-    return _finish(x, trace)
+        emit(callback, Step(i, None, x, None, 0))
+    return x

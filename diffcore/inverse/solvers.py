@@ -1,124 +1,107 @@
 r"""Diffusion posterior solvers for :math:`y = A x_0 + \sigma_y n`, one signature for all.
 
-``solver(denoiser, process, operator, y, sigma_y, ts, x=None, generator=None, **options)``
-returns the estimate of :math:`x_0`, shape ``(B, *operator.in_shape)``:
+``solver(model, y, operator, sigma_y, ts, process, *, x=None, generator=None, callback=None,
+**options)`` returns the estimate of :math:`x_0`, shape ``(B, *operator.in_shape)``, in the
+samplers' order of arguments with the measurement after the model:
 
-- ``denoiser(x, t)`` is the prior's denoiser :math:`D(x, t) \approx \mathbb E[x_0 \mid x_t = x]`
+- ``model(x, t)`` is the prior's denoiser :math:`D(x, t) \approx \mathbb E[x_0 \mid x_t = x]`
   (an exact one from :mod:`diffcore.analytic`, or a network through
   :func:`diffcore.targets.as_denoiser`);
 - ``y`` is ``(B, *operator.out_shape)`` or ``(1, *out_shape)``, broadcast to the batch of ``x``
   (many posterior samples of one measurement: give ``x`` of batch ``n``, or expand ``y``);
 - ``ts`` is a strictly decreasing grid (:func:`diffcore.samplers.time_grid`), ``x`` the state at
-  ``ts[0]`` (default :math:`\sigma_{t_0}\varepsilon`, drawn from ``generator``);
+  ``ts[0]`` (default :math:`\sigma_{t_0}\varepsilon`, drawn from ``generator``; RED-diff, which
+  has no such state, takes its start as ``mu``);
+- every solver runs on the stepping engine (:func:`diffcore.stepping.integrate`): ``callback``
+  receives a :class:`~diffcore.stepping.Step` after each step and one more with the final
+  estimate, and :class:`~diffcore.stepping.Trace` records them and counts the model calls;
 - every solver walks the grid and returns its final data-consistent estimate of :math:`x_0` at
   ``ts[-1]``, after one more model call there.
 
-The papers write their updates for VP/DDPM (:math:`\bar\alpha_t`).  Here they are written with
-the :math:`\alpha_t`, :math:`\sigma_t` of any process: the DDIM/DDPM transition
+Each solver reads as its correction, then the shared step: the DDIM transition
 :math:`x_s = \alpha_s\hat x_0 + \sqrt{\sigma_s^2 - c^2}\,\hat\varepsilon + c z` with
-:math:`c = \eta\,\sigma_s\sqrt{1 - e^{-2(\lambda_s - \lambda_t)}}` (``eta = 1`` is DDPM's
-ancestral step), and DDRM in the variance-exploding coordinates :math:`x/\alpha_t` with noise
-level :math:`\bar\sigma_t = \sigma_t/\alpha_t`.  For VP they are the papers' formulas; every
-solver needs :math:`\alpha > 0` on the grid (``t_max < 1`` for :class:`~diffcore.processes.Linear`).
-Defaults are chosen to make each method a consistent posterior approximation (``lam = 1`` is the
-prior weight Bayes' rule gives), not the papers' tuned values for images.
+:math:`c = \eta\,\sigma_s\sqrt{1 - e^{-2(\lambda_s - \lambda_t)}}` (``k.ddim``, from
+:func:`diffcore.stepping.ddim_step`; ``eta = 1`` is DDPM's ancestral step).  The papers write
+their updates for VP/DDPM (:math:`\bar\alpha_t`); here they are written with the
+:math:`\alpha_t`, :math:`\sigma_t` of any process, and DDRM in the variance-exploding
+coordinates :math:`x/\alpha_t` with noise level :math:`\bar\sigma_t = \sigma_t/\alpha_t`.  For VP
+they are the papers' formulas; every solver needs :math:`\alpha > 0` on the grid (``t_max < 1``
+for :class:`~diffcore.processes.Linear`).  Defaults are chosen to make each method a consistent
+posterior approximation (``lam = 1`` is the prior weight Bayes' rule gives), not the papers'
+tuned values for images.  :data:`SOLVERS` lists them with their facts (:class:`Solver`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from diffcore._checks import positive, require
-from diffcore.inverse.operators import (
-    LinearOperator,
-    _check_sigma_y,
-    conjugate_gradient,
-    inner,
-)
+from diffcore.checks import between, count, noise_level, positive
+from diffcore.inverse.operators import LinearOperator, conjugate_gradient, inner
 from diffcore.processes import Process
-from diffcore.samplers import check_time_grid
+from diffcore.stepping import check_time_grid, eps_hat, integrate
 
-__all__ = ["replacement", "dps", "pigdm", "ddrm", "red_diff", "dds", "diffpir", "SOLVERS"]
+__all__ = [
+    "replacement",
+    "dps",
+    "pigdm",
+    "ddrm",
+    "red_diff",
+    "dds",
+    "diffpir",
+    "Solver",
+    "SOLVERS",
+]
 
 
 # -- shared pieces -------------------------------------------------------------------------------
-def _unit(value, name: str) -> float:
-    require(isinstance(value, (int, float)) and 0 <= value <= 1, name, value, "in [0, 1]")
-    return float(value)
-
-
-class _Problem:
-    """The checked inputs of a solver: grid coefficients as floats, ``y`` and the start ``x``."""
-
-    def __init__(self, process, operator, y, sigma_y, ts, x, generator):
-        if not isinstance(operator, LinearOperator):
-            raise ValueError(
-                f"operator must be a diffcore.inverse.operators.LinearOperator, got "
-                f"{type(operator).__name__}"
-            )
-        if not isinstance(process, Process):
-            raise ValueError(f"process must be a diffcore Process, got {type(process).__name__}")
-        self.sigma_y = _check_sigma_y(sigma_y)
-        ts = check_time_grid(ts).to(torch.float64)
-        self.a = process.alpha(ts).tolist()
-        self.s = process.sigma(ts).tolist()
-        if self.a[0] <= 0:
-            raise ValueError(
-                f"the solvers need alpha > 0 on the grid, got alpha(ts[0]) = {self.a[0]:.3g} at "
-                f"ts[0] = {float(ts[0]):.6g}: take t_max < {float(ts[0]):.6g}"
-            )
-        self.lam = process.lam(ts).tolist()
-        out = operator.out_shape
-        if not isinstance(y, Tensor) or y.ndim != len(out) + 1 or tuple(y.shape[1:]) != out:
-            got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
-            raise ValueError(
-                f"y must have shape (batch, *out_shape) = (batch, {', '.join(map(str, out))}) for "
-                f"{type(operator).__name__}, got {got}"
-            )
-        dtype = y.real.dtype if y.is_complex() else y.dtype
-        if x is None:
-            shape = (y.shape[0], *operator.in_shape)
-            x = self.s[0] * torch.randn(shape, generator=generator, dtype=dtype, device=y.device)
-        else:
-            operator._check(x, operator.in_shape, "in")
-            if y.shape[0] not in (1, x.shape[0]):
-                raise ValueError(
-                    f"y has batch {y.shape[0]} but x has batch {x.shape[0]}: give one y, or one "
-                    f"per sample"
-                )
-        self.y = y.expand(x.shape[0], *out) if y.shape[0] != x.shape[0] else y
-        self.x = x.detach()
-        self.times = list(ts.to(dtype=dtype, device=y.device).unbind())
-        self.n = len(self.times) - 1
-        self.generator = generator
-
-    def noise(self, like: Tensor) -> Tensor:
-        return torch.randn(
-            like.shape, generator=self.generator, dtype=like.dtype, device=like.device
+def _problem(y, operator, sigma_y, ts, process, x, generator, draw=True):
+    """The checked measurement (expanded to the batch of ``x``), the start state ``x`` (drawn
+    from the prior at ``ts[0]`` when None, unless ``draw`` is False) and the noise level."""
+    if not isinstance(operator, LinearOperator):
+        raise TypeError(
+            f"operator must be a diffcore.inverse.operators.LinearOperator, got "
+            f"{type(operator).__name__}"
         )
-
-    def noise_std(self, i: int, eta: float) -> float:
-        """DDIM's fresh-noise std c from t_i to t_{i+1}: eta times the DDPM posterior std."""
-        s_next = self.s[i + 1]
-        if s_next == 0 or eta == 0:
-            return 0.0
-        h = self.lam[i + 1] - self.lam[i]
-        return eta * s_next * math.sqrt(-math.expm1(-2 * h))
-
-    def renoise(self, i: int, x0: Tensor, eps: Tensor, eta: float) -> Tensor:
-        """x_{t_{i+1}} = alpha x0 + sqrt(sigma^2 - c^2) eps + c z (DDIM with eta)."""
-        c = self.noise_std(i, eta)
-        s_next = self.s[i + 1]
-        out = self.a[i + 1] * x0 + math.sqrt(max(s_next**2 - c**2, 0.0)) * eps
-        return out + c * self.noise(x0) if c > 0 else out
-
-    def eps(self, i: int, x: Tensor, x0: Tensor) -> Tensor:
-        """The noise that x0 implies at t_i: (x - alpha x0) / sigma."""
-        return (x - self.a[i] * x0) / self.s[i]
+    if not isinstance(process, Process):
+        raise TypeError(f"process must be a diffcore Process, got {type(process).__name__}")
+    sigma_y = noise_level(sigma_y, "sigma_y")
+    ts = check_time_grid(ts).to(torch.float64)
+    alpha_0 = float(process.alpha(ts[0]))
+    if alpha_0 <= 0:
+        raise ValueError(
+            f"the solvers need alpha > 0 on the grid, got alpha(ts[0]) = {alpha_0:.3g} at "
+            f"ts[0] = {float(ts[0]):.6g}: take t_max < {float(ts[0]):.6g}"
+        )
+    out = operator.out_shape
+    if not isinstance(y, Tensor) or y.ndim != len(out) + 1 or tuple(y.shape[1:]) != out:
+        got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+        raise ValueError(
+            f"y must have shape (batch, *out_shape) = (batch, {', '.join(map(str, out))}) for "
+            f"{type(operator).__name__}, got {got}"
+        )
+    if not (y.is_floating_point() or y.is_complex()) or not bool(torch.isfinite(y).all()):
+        raise ValueError(f"y must be a finite floating-point tensor, got dtype {y.dtype}")
+    dtype = y.real.dtype if y.is_complex() else y.dtype
+    if x is None and not draw:
+        return y, None, sigma_y
+    if x is None:
+        shape = (y.shape[0], *operator.in_shape)
+        sigma_0 = float(process.sigma(ts[0]))
+        x = sigma_0 * torch.randn(shape, generator=generator, dtype=dtype, device=y.device)
+    else:
+        operator.check_shape(x, operator.in_shape, "in")
+        if y.shape[0] not in (1, x.shape[0]):
+            raise ValueError(
+                f"y has batch {y.shape[0]} but x has batch {x.shape[0]}: give one y, or one "
+                f"per sample"
+            )
+    y = y.expand(x.shape[0], *out) if y.shape[0] != x.shape[0] else y
+    return y, x.detach(), sigma_y
 
 
 def _project(operator: LinearOperator, x: Tensor, y: Tensor) -> Tensor:
@@ -126,23 +109,24 @@ def _project(operator: LinearOperator, x: Tensor, y: Tensor) -> Tensor:
     return x + operator.pinv(y - operator(x))
 
 
-def _denoise_with_grad(denoiser: Callable, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+def _with_grad(k, x: Tensor, at=None) -> tuple[Tensor, Tensor]:
     """The denoiser at a leaf copy of x that autograd tracks: (x_leaf, D(x_leaf, t))."""
     leaf = x.detach().requires_grad_(True)
-    return leaf, denoiser(leaf, t)
+    return leaf, k.D(leaf, at)
 
 
 # -- Song et al. (2021): replacement -------------------------------------------------------------
 def replacement(
-    denoiser: Callable,
-    process: Process,
-    operator: LinearOperator,
-    y: Tensor,
-    sigma_y: float,
-    ts: Tensor,
-    x: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    model,
+    y,
+    operator,
+    sigma_y,
+    ts,
+    process,
     *,
+    x=None,
+    generator=None,
+    callback=None,
     eta: float = 1.0,
 ) -> Tensor:
     r"""Conditional sampling by replacement (Song et al., 2021, imputation), for any linear ``A``.
@@ -158,28 +142,35 @@ def replacement(
     parts of :math:`x_0` are independent (an isotropic Gaussian prior).  The estimate is the
     last denoised state projected onto :math:`\{A x = y\}`.  One model call per step, plus one.
     """
-    eta = _unit(eta, "eta")
-    p = _Problem(process, operator, y, sigma_y, ts, x, generator)
-    x = p.x
-    for i in range(p.n):
-        y_t = p.a[i] * p.y + p.s[i] * operator(p.noise(x))
+    eta = between(eta, "eta", 0, 1)
+    y, x, sigma_y = _problem(y, operator, sigma_y, ts, process, x, generator)
+
+    def update(k, x):
+        y_t = k.t.alpha * y + k.t.sigma * operator(k.noise())  # a draw of A x_t given A x_0 = y
         x = _project(operator, x, y_t)
-        x0 = denoiser(x, p.times[i])
-        x = p.renoise(i, x0, p.eps(i, x, x0), eta)
-    return _project(operator, denoiser(x, p.times[-1]), p.y)
+        x0 = k.D(x)
+        return k.ddim(x, x0, eta)
+
+    def finish(k, x):
+        return _project(operator, k.D(x), y)
+
+    return integrate(
+        update, model, x, ts, process, generator=generator, callback=callback, finish=finish
+    )
 
 
 # -- Chung et al. (2023): DPS --------------------------------------------------------------------
 def dps(
-    denoiser: Callable,
-    process: Process,
-    operator: LinearOperator,
-    y: Tensor,
-    sigma_y: float,
-    ts: Tensor,
-    x: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    model,
+    y,
+    operator,
+    sigma_y,
+    ts,
+    process,
     *,
+    x=None,
+    generator=None,
+    callback=None,
     zeta: float = 1.0,
     eta: float = 1.0,
 ) -> Tensor:
@@ -199,32 +190,38 @@ def dps(
     Gaussian priors.  Each sample has its own norm.  One model call (and one backward pass) per
     step, plus one.
     """
-    eta = _unit(eta, "eta")
-    zeta = positive(zeta, "zeta")
-    p = _Problem(process, operator, y, sigma_y, ts, x, generator)
-    x = p.x
-    for i in range(p.n):
+    eta, zeta = between(eta, "eta", 0, 1), positive(zeta, "zeta")
+    y, x, sigma_y = _problem(y, operator, sigma_y, ts, process, x, generator)
+
+    def update(k, x):
         with torch.enable_grad():
-            leaf, x0 = _denoise_with_grad(denoiser, x, p.times[i])
-            resid = p.y - operator(x0)
+            leaf, x0 = _with_grad(k, x)
+            resid = y - operator(x0)
             norm = inner(resid, resid).clamp(min=1e-300).sqrt()
             (grad,) = torch.autograd.grad(norm.sum(), leaf)
-        x0 = x0.detach()
-        x = p.renoise(i, x0, p.eps(i, x, x0), eta) - zeta * grad
-    return denoiser(x, p.times[-1])
+        x0 = k.denoised = x0.detach()
+        return k.ddim(x, x0, eta) - zeta * grad
+
+    def finish(k, x):
+        return k.D(x)
+
+    return integrate(
+        update, model, x, ts, process, generator=generator, callback=callback, finish=finish
+    )
 
 
 # -- Song et al. (2023): PiGDM -------------------------------------------------------------------
 def pigdm(
-    denoiser: Callable,
-    process: Process,
-    operator: LinearOperator,
-    y: Tensor,
-    sigma_y: float,
-    ts: Tensor,
-    x: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    model,
+    y,
+    operator,
+    sigma_y,
+    ts,
+    process,
     *,
+    x=None,
+    generator=None,
+    callback=None,
     eta: float = 1.0,
     prior_var: float = 1.0,
     guidance_scale: float = 1.0,
@@ -253,42 +250,49 @@ def pigdm(
     the last estimate is the plain denoiser (:math:`r_t = 0` there).  One model call and one
     backward pass per step, plus one.
     """
-    eta = _unit(eta, "eta")
+    eta = between(eta, "eta", 0, 1)
     prior_var = positive(prior_var, "prior_var")
     guidance_scale = positive(guidance_scale, "guidance_scale")
-    p = _Problem(process, operator, y, sigma_y, ts, x, generator)
+    y, x, sigma_y = _problem(y, operator, sigma_y, ts, process, x, generator)
 
-    def guided(i: int, x: Tensor) -> Tensor:
+    def guided(k, x: Tensor) -> Tensor:
+        t = k.t
         with torch.enable_grad():
-            leaf, x0 = _denoise_with_grad(denoiser, x, p.times[i])
-            bar2 = (p.s[i] / p.a[i]) ** 2
-            r2 = prior_var * bar2 / (prior_var + bar2)
-            resid = (p.y - operator(x0)).detach()
-            if p.sigma_y == 0:
+            leaf, x0 = _with_grad(k, x)
+            bar2 = (t.sigma / t.alpha) ** 2
+            r2 = prior_var * bar2 / (prior_var + bar2)  # the variance of p(x_0 | x_t)
+            resid = (y - operator(x0)).detach()
+            if sigma_y == 0:
                 u = operator.pinv(resid) / r2
             else:
-                u = operator.normal_solve(operator.adjoint(resid), p.sigma_y**2 / r2) / r2
+                u = operator.normal_solve(operator.adjoint(resid), sigma_y**2 / r2) / r2
             (g,) = torch.autograd.grad(x0, leaf, grad_outputs=u)
-        return x0.detach() + guidance_scale * p.s[i] ** 2 / p.a[i] * g
+        return x0.detach() + guidance_scale * t.sigma**2 / t.alpha * g
 
-    x = p.x
-    for i in range(p.n):
-        x0 = guided(i, x)
-        x = p.renoise(i, x0, p.eps(i, x, x0), eta)
-    return guided(p.n, x) if p.s[-1] > 0 else denoiser(x, p.times[-1])
+    def update(k, x):
+        x0 = k.denoised = guided(k, x)
+        return k.ddim(x, x0, eta)
+
+    def finish(k, x):
+        return guided(k, x) if k.t.sigma > 0 else k.D(x)
+
+    return integrate(
+        update, model, x, ts, process, generator=generator, callback=callback, finish=finish
+    )
 
 
 # -- Kawar et al. (2022): DDRM -------------------------------------------------------------------
 def ddrm(
-    denoiser: Callable,
-    process: Process,
-    operator: LinearOperator,
-    y: Tensor,
-    sigma_y: float,
-    ts: Tensor,
-    x: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    model,
+    y,
+    operator,
+    sigma_y,
+    ts,
+    process,
     *,
+    x=None,
+    generator=None,
+    callback=None,
     eta: float = 0.85,
     eta_b: float = 1.0,
 ) -> Tensor:
@@ -316,54 +320,60 @@ def ddrm(
     ``eta_b = 1``, the observed coordinates are re-noised copies of ``y`` as in
     :func:`replacement`.  One model call per step, plus one.
     """
-    eta, eta_b = _unit(eta, "eta"), _unit(eta_b, "eta_b")
+    eta, eta_b = between(eta, "eta", 0, 1), between(eta_b, "eta_b", 0, 1)
+    y, x, sigma_y = _problem(y, operator, sigma_y, ts, process, x, generator)
     if not operator.has_svd:
         raise ValueError(
             f"ddrm needs an operator with an SVD, got {type(operator).__name__} (has_svd is False)"
         )
-    p = _Problem(process, operator, y, sigma_y, ts, x, generator)
     svd = operator.svd()
-    x = p.x
     sv = svd.s.to(dtype=x.dtype, device=x.device)
-    observed = sv > sv.amax() * 1e-12
-    idx = torch.nonzero(observed).reshape(-1)
-    y_bar = svd.Ut(p.y)[:, idx] / sv[idx]  # (B, r)
-    y_std = p.sigma_y / sv[idx]  # the noise level of each observed coordinate
-    bar = [s / a for s, a in zip(p.s, p.a, strict=True)]
+    idx = torch.nonzero(sv > sv.amax() * 1e-12).reshape(-1)  # the observed coordinates
+    y_bar = svd.Ut(y)[:, idx] / sv[idx]  # (B, r)
+    y_std = sigma_y / sv[idx]  # the noise level of each observed coordinate
 
-    def step(x_bar_t: Tensor, x_theta: Tensor, bar_t: float, bar_s: float) -> Tensor:
+    def spectral_step(k, x_bar_t: Tensor, x_theta: Tensor, bar_t: float, bar_s: float) -> Tensor:
         new = x_theta + math.sqrt(1 - eta**2) * (bar_s / bar_t) * (x_bar_t - x_theta)
         if eta > 0 and bar_s > 0:
-            new = new + eta * bar_s * p.noise(new)
+            new = new + eta * bar_s * k.noise(like=new)
         xo = x_theta[:, idx]
         below = bar_s < y_std  # (r,)
         quiet = xo + math.sqrt(1 - eta**2) * bar_s * (y_bar - xo) / y_std.clamp(min=1e-300)
         if eta > 0 and bar_s > 0:
-            quiet = quiet + eta * bar_s * p.noise(quiet)
+            quiet = quiet + eta * bar_s * k.noise(like=quiet)
         spread = (bar_s**2 - eta_b**2 * y_std**2).clamp(min=0).sqrt()
-        loud = (1 - eta_b) * xo + eta_b * y_bar + spread * p.noise(xo)
+        loud = (1 - eta_b) * xo + eta_b * y_bar + spread * k.noise(like=xo)
         new[:, idx] = torch.where(below, quiet, loud)
         return new
 
-    for i in range(p.n):
-        x_theta = svd.Vt(denoiser(x, p.times[i]))
-        x_bar = svd.Vt(x / p.a[i])
-        x = p.a[i + 1] * svd.V(step(x_bar, x_theta, bar[i], bar[i + 1]))
-    x_theta = svd.Vt(denoiser(x, p.times[-1]))
-    return svd.V(step(svd.Vt(x / p.a[-1]), x_theta, max(bar[-1], 1e-300), 0.0))
+    def update(k, x):
+        x_theta = svd.Vt(k.D(x))
+        x_bar = svd.Vt(x / k.t.alpha)
+        bar_t, bar_s = k.t.sigma / k.t.alpha, k.s.sigma / k.s.alpha
+        return k.s.alpha * svd.V(spectral_step(k, x_bar, x_theta, bar_t, bar_s))
+
+    def finish(k, x):
+        x_theta = svd.Vt(k.D(x))
+        bar_t = max(k.t.sigma / k.t.alpha, 1e-300)
+        return svd.V(spectral_step(k, svd.Vt(x / k.t.alpha), x_theta, bar_t, 0.0))
+
+    return integrate(
+        update, model, x, ts, process, generator=generator, callback=callback, finish=finish
+    )
 
 
 # -- Mardani et al. (2024): RED-diff -------------------------------------------------------------
 def red_diff(
-    denoiser: Callable,
-    process: Process,
-    operator: LinearOperator,
-    y: Tensor,
-    sigma_y: float,
-    ts: Tensor,
-    x: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    model,
+    y,
+    operator,
+    sigma_y,
+    ts,
+    process,
     *,
+    mu=None,
+    generator=None,
+    callback=None,
     lam: float = 1.0,
     lr: float = 0.1,
 ) -> Tensor:
@@ -381,32 +391,36 @@ def red_diff(
     sample.  Needs ``sigma_y > 0``.  One model call per time of ``ts`` except the last.
     """
     lam, lr = positive(lam, "lam"), positive(lr, "lr")
-    p = _Problem(process, operator, y, sigma_y, ts, x, generator)
-    if p.sigma_y == 0:
+    y, mu, sigma_y = _problem(y, operator, sigma_y, ts, process, mu, generator, draw=False)
+    if sigma_y == 0:
         raise ValueError("red_diff's data term divides by sigma_y^2: give sigma_y > 0")
-    start = p.x if x is not None else operator.normal_solve(operator.adjoint(p.y), p.sigma_y**2)
-    mu = start.clone()
-    m, v = torch.zeros_like(mu), torch.zeros_like(mu)  # Adam's moments (betas 0.9, 0.999)
-    for i in range(p.n):
-        d = denoiser(p.a[i] * mu + p.s[i] * p.noise(mu), p.times[i])
-        grad = operator.adjoint(operator(mu) - p.y) / p.sigma_y**2 + lam * (mu - d)
-        m = 0.9 * m + 0.1 * grad
-        v = 0.999 * v + 0.001 * grad**2
-        mu = mu - lr * (m / (1 - 0.9 ** (i + 1))) / ((v / (1 - 0.999 ** (i + 1))).sqrt() + 1e-8)
-    return mu
+    if mu is None:  # the Tikhonov estimate
+        mu = operator.normal_solve(operator.adjoint(y), sigma_y**2)
+    adam = {"m": torch.zeros_like(mu), "v": torch.zeros_like(mu)}  # betas 0.9, 0.999
+
+    def update(k, mu):
+        d = k.D(k.t.alpha * mu + k.t.sigma * k.noise())
+        grad = operator.adjoint(operator(mu) - y) / sigma_y**2 + lam * (mu - d)
+        m = adam["m"] = 0.9 * adam["m"] + 0.1 * grad
+        v = adam["v"] = 0.999 * adam["v"] + 0.001 * grad**2
+        m_hat, v_hat = m / (1 - 0.9 ** (k.i + 1)), v / (1 - 0.999 ** (k.i + 1))
+        return mu - lr * m_hat / (v_hat.sqrt() + 1e-8)
+
+    return integrate(update, model, mu.clone(), ts, process, generator=generator, callback=callback)
 
 
 # -- Chung, Lee & Ye (2024): DDS -----------------------------------------------------------------
 def dds(
-    denoiser: Callable,
-    process: Process,
-    operator: LinearOperator,
-    y: Tensor,
-    sigma_y: float,
-    ts: Tensor,
-    x: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    model,
+    y,
+    operator,
+    sigma_y,
+    ts,
+    process,
     *,
+    x=None,
+    generator=None,
+    callback=None,
     eta: float = 1.0,
     cg_iters: int = 5,
     gamma: float | None = None,
@@ -422,12 +436,12 @@ def dds(
     :math:`\hat x_0` implies.  No gradient through the denoiser.  The estimate is the last
     corrected :math:`\hat x_0'`.  One model call per step, plus one.
     """
-    eta = _unit(eta, "eta")
-    require(isinstance(cg_iters, int) and cg_iters >= 1, "cg_iters", cg_iters, "an integer >= 1")
+    eta = between(eta, "eta", 0, 1)
+    cg_iters = count(cg_iters, "cg_iters")
     if gamma is not None:
         gamma = positive(gamma, "gamma")
-    p = _Problem(process, operator, y, sigma_y, ts, x, generator)
-    aty = operator.adjoint(p.y)
+    y, x, sigma_y = _problem(y, operator, sigma_y, ts, process, x, generator)
+    aty = operator.adjoint(y)
 
     def correct(x0: Tensor) -> Tensor:
         if gamma is None:
@@ -436,24 +450,30 @@ def dds(
             lambda v: gamma * operator.normal(v) + v, gamma * aty + x0, x0, cg_iters, tol=0.0
         )
 
-    x = p.x
-    for i in range(p.n):
-        x0 = denoiser(x, p.times[i])
-        x = p.renoise(i, correct(x0), p.eps(i, x, x0), eta)
-    return correct(denoiser(x, p.times[-1]))
+    def update(k, x):
+        x0 = k.D(x)
+        return k.ddim(x, correct(x0), eta, eps=eps_hat(x, x0, k.t))  # the unconditional noise
+
+    def finish(k, x):
+        return correct(k.D(x))
+
+    return integrate(
+        update, model, x, ts, process, generator=generator, callback=callback, finish=finish
+    )
 
 
 # -- Zhu et al. (2023): DiffPIR ------------------------------------------------------------------
 def diffpir(
-    denoiser: Callable,
-    process: Process,
-    operator: LinearOperator,
-    y: Tensor,
-    sigma_y: float,
-    ts: Tensor,
-    x: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    model,
+    y,
+    operator,
+    sigma_y,
+    ts,
+    process,
     *,
+    x=None,
+    generator=None,
+    callback=None,
     lam: float = 1.0,
     zeta: float = 1.0,
 ) -> Tensor:
@@ -469,35 +489,80 @@ def diffpir(
     data step the posterior mean under :math:`x_0 \sim \mathcal N(\hat x_0, \bar\sigma_t^2 I)`.
     The estimate is the last :math:`\hat x_0'`.  One model call per step, plus one.
     """
-    lam, zeta = positive(lam, "lam"), _unit(zeta, "zeta")
-    p = _Problem(process, operator, y, sigma_y, ts, x, generator)
-    aty = operator.adjoint(p.y)
+    lam, zeta = positive(lam, "lam"), between(zeta, "zeta", 0, 1)
+    y, x, sigma_y = _problem(y, operator, sigma_y, ts, process, x, generator)
+    aty = operator.adjoint(y)
 
-    def data_step(i: int, x0: Tensor) -> Tensor:
-        if p.sigma_y == 0:
-            return _project(operator, x0, p.y)
-        if p.s[i] == 0:
+    def data_step(t, x0: Tensor) -> Tensor:
+        if sigma_y == 0:
+            return _project(operator, x0, y)
+        if t.sigma == 0:
             return x0  # the denoiser is exact at sigma = 0: the prior step wins (rho = inf)
-        rho = lam * p.sigma_y**2 * (p.a[i] / p.s[i]) ** 2
+        rho = lam * sigma_y**2 * (t.alpha / t.sigma) ** 2
         return operator.normal_solve(aty + rho * x0, rho)
 
-    x = p.x
-    for i in range(p.n):
-        x0 = data_step(i, denoiser(x, p.times[i]))
-        eps = p.eps(i, x, x0)
-        x = p.a[i + 1] * x0 + p.s[i + 1] * (
-            math.sqrt(1 - zeta) * eps + math.sqrt(zeta) * p.noise(eps)
+    def update(k, x):
+        x0 = data_step(k.t, k.D(x))
+        eps = eps_hat(x, x0, k.t)
+        return k.s.alpha * x0 + k.s.sigma * (
+            math.sqrt(1 - zeta) * eps + math.sqrt(zeta) * k.noise()
         )
-    return data_step(p.n, denoiser(x, p.times[-1]))
+
+    def finish(k, x):
+        return data_step(k.t, k.D(x))
+
+    return integrate(
+        update, model, x, ts, process, generator=generator, callback=callback, finish=finish
+    )
 
 
-#: Every solver of this module by its name, all with the signature of the module.
-SOLVERS: dict[str, Callable] = {
-    "replacement": replacement,
-    "dps": dps,
-    "pigdm": pigdm,
-    "ddrm": ddrm,
-    "red_diff": red_diff,
-    "dds": dds,
-    "diffpir": diffpir,
+# -- the registry of solvers and their facts -------------------------------------------------
+@dataclass(frozen=True)
+class Solver:
+    """A solver with its facts; calling it runs the solver.
+
+    ``needs``: what it asks of the operator or the model (``"svd"``: ``operator.has_svd``;
+    ``"gradient"``: a backward pass through the model; ``"sigma_y > 0"``); ``stochastic``: True,
+    False or the option that makes it stochastic when nonzero; ``options``: its own options;
+    ``final_call``: whether it makes one more model call at ``ts[-1]`` (NFE = steps + 1).
+    """
+
+    fn: Callable
+    needs: tuple[str, ...] = ()
+    stochastic: bool | str = True
+    options: tuple[str, ...] = ()
+    final_call: bool = True
+    name: str = field(default="", compare=False)
+
+    def __call__(self, model, y, operator, sigma_y, ts, process, **options) -> Tensor:
+        return self.fn(model, y, operator, sigma_y, ts, process, **options)
+
+    def applies(self, operator: LinearOperator, sigma_y: float) -> bool:
+        """Whether the solver can run on ``operator`` at noise level ``sigma_y``."""
+        if "svd" in self.needs and not operator.has_svd:
+            return False
+        return not ("sigma_y > 0" in self.needs and not sigma_y > 0)
+
+    def model_calls(self, n_steps: int) -> int:
+        """Model calls (NFE) over ``n_steps`` steps."""
+        return count(n_steps, "n_steps") + int(self.final_call)
+
+
+#: Every solver of this module by its name, with its facts; all take
+#: ``(model, y, operator, sigma_y, ts, process, *, x=None, generator=None, callback=None, ...)``.
+SOLVERS: dict[str, Solver] = {
+    name: Solver(name=name, **facts)
+    for name, facts in {
+        "replacement": dict(fn=replacement, stochastic=True, options=("eta",)),
+        "dps": dict(fn=dps, needs=("gradient",), options=("zeta", "eta")),
+        "pigdm": dict(
+            fn=pigdm, needs=("gradient",), options=("eta", "prior_var", "guidance_scale")
+        ),
+        "ddrm": dict(fn=ddrm, needs=("svd",), options=("eta", "eta_b")),
+        "red_diff": dict(
+            fn=red_diff, needs=("sigma_y > 0",), options=("lam", "lr"), final_call=False
+        ),
+        "dds": dict(fn=dds, stochastic="eta", options=("eta", "cg_iters", "gamma")),
+        "diffpir": dict(fn=diffpir, stochastic="zeta", options=("lam", "zeta")),
+    }.items()
 }
