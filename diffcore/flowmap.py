@@ -58,7 +58,7 @@ from diffcore.checks import (
 from diffcore.nets import sinusoidal_embedding
 from diffcore.processes import Linear, Process
 from diffcore.samplers import SAMPLERS, check_time_grid
-from diffcore.stepping import grid_points, noise_source, noising_step
+from diffcore.stepping import Step, emit, grid_points, noise_source, noising_step
 from diffcore.train import EMA
 
 __all__ = [
@@ -515,6 +515,7 @@ def consistency_sample(
     *,
     generator: torch.Generator | None = None,
     noise_sampler: Callable | None = None,
+    callback: Callable | None = None,
 ) -> Tensor:
     r"""Multistep consistency sampling (Song et al., 2023, Alg. 1).
 
@@ -523,15 +524,18 @@ def consistency_sample(
     (:math:`x_\tau = (\alpha_\tau/\alpha_{t_{\min}})x + \sqrt{\sigma_\tau^2 -
     (\alpha_\tau\sigma_{t_{\min}}/\alpha_{t_{\min}})^2}\,z`) and jump again.  ``ts = [T,
     t_min]`` is one-step generation.  Noise: ``noise_sampler(i, shape)`` for the renoising
-    before :math:`f(\cdot, \tau_{i+1})`, else ``torch.randn`` with ``generator``.  Shapes:
-    ``x`` ``(B, ...)`` at ``ts[0]``; returns ``(B, ...)`` at ``ts[-1]``.
+    before :math:`f(\cdot, \tau_{i+1})`, else ``torch.randn`` with ``generator``.
+    ``callback(step)`` sees each jump's sample (:class:`~diffcore.stepping.Step` at ``ts[-1]``).
+    Shapes: ``x`` ``(B, ...)`` at ``ts[0]``; returns ``(B, ...)`` at ``ts[-1]``.
     """
     ts = _grid(ts, x, "x")
     _check_end(f, ts, "f")
     noise = noise_source(x, generator, noise_sampler)
     x = returned(f(x, ts[0]), x, "f")
+    emit(callback, Step(0, ts[-1], x, x, 1))
     for i, tau in enumerate(ts[1:-1]):
         x = f(_renoise(process, x, ts[-1], tau, noise(i)), tau)
+        emit(callback, Step(i + 1, ts[-1], x, x, i + 2))
     return x
 
 
@@ -589,6 +593,7 @@ def ctm_sample(
     gamma: float = 0.0,
     generator: torch.Generator | None = None,
     noise_sampler: Callable | None = None,
+    callback: Callable | None = None,
 ) -> Tensor:
     r"""CTM's :math:`\gamma`-sampling (Kim et al., 2024, Alg. 3): jump below the next time, noise back up.
 
@@ -599,7 +604,7 @@ def ctm_sample(
     ``gamma = 0`` is deterministic (:math:`x \leftarrow G(x, t_i, t_{i+1})`), ``gamma = 1`` is
     :func:`consistency_sample` with :math:`f = G(\cdot, \cdot, t_{\rm end})`.  For VE the
     renoising is CTM's :math:`x + \gamma\,\sigma_{t_{i+1}} z`.  Shapes: ``x`` ``(B, ...)`` at ``ts[0]``;
-    returns ``(B, ...)`` at ``ts[-1]``.
+    returns ``(B, ...)`` at ``ts[-1]``; ``callback(step)`` sees each step.
     """
     gamma = between(gamma, "gamma", 0, 1)
     ts = _grid(ts, x, "x")
@@ -609,13 +614,14 @@ def ctm_sample(
         t, t_next = ts[i], ts[i + 1]
         if gamma == 0 or i == n - 1:
             x = returned(G(x, t, t_next), x, "G")
-            continue
-        if gamma == 1:
-            s = ts[-1]
-        else:  # lam_s = lam_{t_next} - log sqrt(1 - gamma^2)
-            lam = process.lam(t_next) - 0.5 * math.log1p(-(gamma**2))
-            s = process.t_of_lam(lam).clamp(min=ts[-1], max=t_next)
-        x = _renoise(process, returned(G(x, t, s), x, "G"), s, t_next, noise(i))
+        else:
+            if gamma == 1:
+                s = ts[-1]
+            else:  # lam_s = lam_{t_next} - log sqrt(1 - gamma^2)
+                lam = process.lam(t_next) - 0.5 * math.log1p(-(gamma**2))
+                s = process.t_of_lam(lam).clamp(min=ts[-1], max=t_next)
+            x = _renoise(process, returned(G(x, t, s), x, "G"), s, t_next, noise(i))
+        emit(callback, Step(i, t_next, x, None, i + 1))
     return x
 
 
@@ -684,13 +690,15 @@ def meanflow_loss(
     return _squared(value, target)
 
 
-def meanflow_sample(u: Callable, x: Tensor, ts: Tensor) -> Tensor:
+def meanflow_sample(u: Callable, x: Tensor, ts: Tensor, *, callback=None) -> Tensor:
     r"""MeanFlow sampling: :math:`z_{t_{i+1}} = z_{t_i} - (t_i - t_{i+1})\,u(z_{t_i}, t_i, t_{i+1})`.
 
     Exact for the exact average velocity, whatever the steps; ``ts = [1, 0]`` is one-step
-    generation.  Shapes: ``x`` ``(B, ...)`` at ``ts[0]``; returns ``(B, ...)`` at ``ts[-1]``.
+    generation.  ``callback(step)`` sees each step.  Shapes: ``x`` ``(B, ...)`` at ``ts[0]``;
+    returns ``(B, ...)`` at ``ts[-1]``.
     """
     ts = _grid(ts, x, "x")
-    for t, s in zip(ts[:-1], ts[1:], strict=True):
+    for i, (t, s) in enumerate(zip(ts[:-1], ts[1:], strict=True)):
         x = x - (t - s) * returned(u(x, t, s), x, "u")
+        emit(callback, Step(i, s, x, None, i + 1))
     return x

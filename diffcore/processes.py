@@ -45,6 +45,11 @@ __all__ = [
 ]
 
 
+def _transition_times(first, second) -> Tensor:
+    """The two times of a transition as a float64 tensor ``(2,)``, checked to lie in [0, 1]."""
+    return as_time(torch.tensor([float(first), float(second)], dtype=torch.float64), name="t")
+
+
 class Process:
     """The law of :math:`x_t` given :math:`x_0`: :math:`\\mathcal N(\\alpha_t x_0, \\sigma_t^2 I)`."""
 
@@ -99,6 +104,34 @@ class Process:
         t = check.time(t, like=x0)
         check.done()
         return per_sample(self.alpha(t), x0) * x0 + per_sample(self.sigma(t), x0) * noise
+
+    def ddim_step(self, x: Tensor, x0: Tensor, t: float, s: float, eta=0.0, z=None) -> Tensor:
+        r"""The DDIM transition from time ``t`` down to ``s < t``: :math:`x_s = \alpha_s\hat x_0 +
+        \sqrt{\sigma_s^2 - c^2}\,\hat\varepsilon + c z`, :math:`\hat\varepsilon = (x - \alpha_t
+        \hat x_0)/\sigma_t`, :math:`c = \eta\,\sigma_s\sqrt{1 - e^{-2(\lambda_s - \lambda_t)}}`
+        (``eta = 1``: DDPM's ancestral step, with ``z`` standard normal noise).  The one
+        implementation, :func:`diffcore.stepping.ddim_step`, is the step of the samplers and the
+        inverse solvers.  Shapes: ``x``, ``x0``, ``z`` ``(batch, ...)``; ``t``, ``s`` floats.
+        """
+        from diffcore.stepping import ddim_step, grid_points
+
+        if not float(s) < float(t):
+            raise ValueError(f"ddim_step goes down from t to s < t, got t = {t}, s = {s}")
+        at_t, at_s = grid_points(self, _transition_times(t, s), x)
+        return ddim_step(x, x0, at_t, at_s, eta, z)
+
+    def noising_step(self, x: Tensor, s: float, t: float, z: Tensor) -> Tensor:
+        r"""The forward transition from time ``s`` up to ``t >= s``: a draw of
+        :math:`q(x_t \mid x_s)`, :math:`(\alpha_t/\alpha_s)x_s + \sigma_t\sqrt{1 -
+        e^{-2(\lambda_s - \lambda_t)}}\,z` (:func:`diffcore.stepping.noising_step`).  Shapes:
+        ``x``, ``z`` ``(batch, ...)``; ``s``, ``t`` floats.
+        """
+        from diffcore.stepping import grid_points, noising_step
+
+        if not float(s) <= float(t):
+            raise ValueError(f"noising_step goes up from s to t >= s, got s = {s}, t = {t}")
+        at_s, at_t = grid_points(self, _transition_times(s, t), x)
+        return noising_step(x, at_s, at_t, z)
 
     def prior_sample(self, shape, t=1.0, generator=None, dtype=None, device=None) -> Tensor:
         """Start noise for a sampler that begins at time ``t``: :math:`\\sigma_t\\,\\varepsilon`.

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from diffcore import analytic, processes, samplers, stepping
+from diffcore import analytic, flowmap, processes, samplers, stepping
 from diffcore.inverse import blind, pnp
 from diffcore.inverse import operators as op
 from diffcore.inverse import solvers as sv
@@ -44,6 +44,20 @@ def test_ddim_step_keeps_the_marginal_variance_and_at_eta_1_is_the_ddpm_posterio
     torch.testing.assert_close(x, t.alpha * x0 + t.sigma * eps, rtol=1e-14, atol=1e-14)
     given = stepping.ddim_step(x, x0, t, s, eta, z, eps=eps)  # the same noise, passed
     torch.testing.assert_close(given, out, rtol=1e-13, atol=1e-13)
+
+
+def test_the_process_offers_the_same_transitions():
+    gen = torch.Generator().manual_seed(1)
+    x, x0, z = torch.randn(3, 4, 2, generator=gen, dtype=torch.float64)
+    t, s = _points(0.6, 0.2)
+    torch.testing.assert_close(
+        VP.ddim_step(x, x0, 0.6, 0.2, eta=0.5, z=z), stepping.ddim_step(x, x0, t, s, 0.5, z)
+    )
+    torch.testing.assert_close(VP.noising_step(x, 0.2, 0.6, z), stepping.noising_step(x, s, t, z))
+    with pytest.raises(ValueError, match=r"ddim_step goes down from t to s < t, got t = 0.2"):
+        VP.ddim_step(x, x0, 0.2, 0.6)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+        VP.noising_step(x, 0.2, 1.5, z)
 
 
 def test_noising_step_is_the_forward_transition():
@@ -93,6 +107,26 @@ def test_no_sampler_changes_its_input_in_place(name):
     options = {"eps": 1e-4} if name == "annealed_langevin" else {}
     samplers.SAMPLERS[name](GAUSS.denoiser(VP), x, TS, VP, generator=torch.Generator(), **options)
     assert torch.equal(x, kept)
+
+
+def test_flow_map_samplers_report_each_step():
+    lin = processes.Linear()
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ts = torch.tensor([1.0, 0.5, 0.2, 1e-3], dtype=torch.float64)
+    trace = stepping.Trace()
+
+    def jump(x, t, s):
+        return GAUSS.pf_ode_map(x, t, s, lin)
+
+    out = flowmap.ctm_sample(jump, x, ts, lin, callback=trace)
+    assert len(trace) == 3 and torch.equal(trace.xs[-1], out) and trace.nfe == 3
+    torch.testing.assert_close(trace.ts, ts[1:], rtol=0, atol=0)
+    trace = stepping.Trace()
+    out = flowmap.consistency_sample(lambda x, t: jump(x, t, 1e-3), x, ts, lin, callback=trace)
+    assert len(trace) == 3 and torch.equal(trace.xs[-1], out)
+    trace = stepping.Trace()
+    out = flowmap.meanflow_sample(flowmap.exact_average_velocity(GAUSS), x, ts, callback=trace)
+    assert len(trace) == 3 and torch.equal(trace.xs[-1], out)
 
 
 def test_progress_bar_runs_are_the_same_runs(capsys):
@@ -233,6 +267,8 @@ def test_the_pnp_loops_take_the_one_callback():
         pnp.red(wiener, A, y, 0.1, 0.3, n_iter=10**30)
     with pytest.raises(TypeError, match="history"):
         pnp.pnp_admm(wiener, A, y, 0.1, 0.3, history=True)
+    with pytest.raises(ValueError, match=r"z must be finite"):
+        pnp.tv_prox(torch.full((1, 4), math.nan), 0.1)
     with pytest.raises(ValueError, match=r"rho must be a positive finite number, got rho = -1"):
         blind.blind_pnp_dm(
             None, None, torch.zeros(1, 1, 4, 4), 0.1, (3, 3), [-1.0], [0.5], callback=trace

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from diffcore import samplers
 from diffcore.analytic import Gaussian, GaussianMixture
-from diffcore.checks import count, noise_level, positive
+from diffcore.checks import count, finite, noise_level, positive
 from diffcore.inverse.operators import LinearOperator
 from diffcore.processes import Process
 from diffcore.stepping import Step, emit
@@ -597,6 +597,7 @@ def tv_prox(z: Tensor, tau: float, n_iter: int = 5000, tol: float = 1e-12) -> Te
     Shapes: ``z`` ``(B, n)`` or ``(B, C, H, W)``; returns the same.
     """
     axes = _tv_axes(z)
+    finite(z, "z")
     tau, n_iter = _positive(tau, "tau"), count(n_iter, "n_iter")
     lip = 4.0 * len(axes)
     p = [torch.zeros_like(z) for _ in axes]
