@@ -3,7 +3,7 @@
 #   make book    build the book, executing every notebook, into _build/html
 #   make test    ruff, then one pytest run: unit tests, notebooks (nbval), book build, browser
 #   make notebooks  re-execute every notebook in place (quick mode), to commit its outputs
-#   make lab     open JupyterLab on notebooks/ (installs JupyterLab into .venv on first use)
+#   make lab     open JupyterLab on notebooks/ (JupyterLab is pinned in requirements.txt)
 #   make clean   remove build outputs and caches (keeps .venv)
 #
 # book, test and lab first bring .venv up to date with requirements.txt and pyproject.toml;
@@ -84,8 +84,6 @@ notebooks: $(STAMP)
 	done
 
 lab: $(STAMP)
-	@$(PY) -c "import jupyterlab" 2>/dev/null || \
-		$(PY) -m pip install --quiet jupyterlab -c requirements.txt
 	$(VENV)/bin/jupyter lab $(LAB_ARGS) notebooks/
 
 clean:

@@ -51,6 +51,7 @@ __all__ = [
     "grade",
     "Scores",
     "scores",
+    "panels",
     "explorer",
 ]
 
@@ -203,7 +204,7 @@ def noisy_samples(
 def exact_model(law: GaussianMixture, process: Process, target: str = "x0") -> Callable:
     """The exact model of ``law`` that predicts ``target``: a function ``model(x, t)``.
 
-    ``target`` is one of :data:`diffcore.targets.TARGETS`: ``"x0"`` (the denoiser),
+    ``target`` is one of ``diffcore.targets.TARGETS``: ``"x0"`` (the denoiser),
     ``"score"`` and ``"velocity"`` come from the law's own closed forms, ``"eps"`` and
     ``"v"`` from its denoiser through :func:`diffcore.targets.convert`.  The exact
     counterpart of a network trained for ``target``, to compare with it or to measure a
@@ -518,23 +519,21 @@ def scores(x: Tensor, ref: Tensor, data_range: float = 2.0) -> Scores:
 
 
 # -- explorers ------------------------------------------------------------------------------------
-def explorer(
+def panels(
     draw: Callable,
     *,
     grid: tuple[int, int] = (1, 1),
     figsize: tuple[float, float] = (5.0, 5.0),
     dpi: float | None = None,
     width_ratios=None,
-    **controls,
-):
-    """A figure of ``grid = (rows, columns)`` panels, redrawn whenever a control changes.
+) -> Callable:
+    """``draw(axes, **values)`` as a function of the values alone that returns its ``Figure``.
 
-    ``draw(axes, **values)`` draws into ``axes`` (one ``Axes`` for ``grid=(1, 1)``, else the
-    array that ``plt.subplots`` returns), with the value of each ipywidgets control in
-    ``controls`` under its name.  The figure (``figsize``, ``dpi``, ``width_ratios`` of the
-    columns, constrained layout) is made here, so the same ``draw`` also fills the panels
-    of a static figure.  Built on :func:`diffcore.plot.explorer`, which shows the figure as
-    a PNG in an ``Image`` widget; returns its ``VBox``, for ``display``.
+    The figure has ``grid = (rows, columns)`` panels (``figsize``, ``dpi``, ``width_ratios``
+    of the columns, constrained layout); ``draw`` receives them as one ``Axes`` for
+    ``grid=(1, 1)``, else as the array that ``plt.subplots`` returns.  So one drawing
+    function fills the panels of a static figure, an :func:`explorer` and any builder that
+    wants ``figure(**values) -> Figure`` (:func:`diffcore.plot.explorer`).
     """
     import matplotlib.pyplot as plt
 
@@ -555,4 +554,24 @@ def explorer(
         draw(axes, **values)
         return fig
 
+    return figure
+
+
+def explorer(
+    draw: Callable,
+    *,
+    grid: tuple[int, int] = (1, 1),
+    figsize: tuple[float, float] = (5.0, 5.0),
+    dpi: float | None = None,
+    width_ratios=None,
+    **controls,
+):
+    """A figure of ``grid = (rows, columns)`` panels, redrawn whenever a control changes.
+
+    ``draw(axes, **values)`` draws into the panels (see :func:`panels`, which makes the
+    figure), with the value of each ipywidgets control in ``controls`` under its name.  Built
+    on :func:`diffcore.plot.explorer`, which shows the figure as a PNG in an ``Image``
+    widget; returns its ``VBox``, for ``display``.
+    """
+    figure = panels(draw, grid=grid, figsize=figsize, dpi=dpi, width_ratios=width_ratios)
     return plot.explorer(figure, **controls)

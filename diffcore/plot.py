@@ -5,6 +5,7 @@ frame, a batch of images as one array, and a figure redrawn by sliders.
 >>> plot.contours(ax, density, levels=4)                     # contours, axes framed to the box
 >>> ax.imshow(plot.image_grid(digits[:64], rows=8), cmap="gray_r", vmin=-1, vmax=1)
 >>> display(plot.explorer(draw, t=widgets.FloatSlider(0.3, min=0, max=1)))  # draw(t) -> Figure
+>>> plot.scrubber(draw, t=[0.1, 0.3, 0.5, 0.7, 0.9])  # the same figure, no kernel needed
 """
 
 from __future__ import annotations
@@ -21,7 +22,17 @@ from torch import Tensor
 from diffcore.checks import count, floating, positive
 from diffcore.processes import Process
 
-__all__ = ["Density", "box_limits", "density_grid", "frame", "contours", "image_grid", "explorer"]
+__all__ = [
+    "Density",
+    "box_limits",
+    "density_grid",
+    "frame",
+    "contours",
+    "image_grid",
+    "explorer",
+    "scrubber",
+    "Scrubber",
+]
 
 
 class Density(NamedTuple):
@@ -138,30 +149,104 @@ def explorer(draw: Callable, **controls):
     controls and the image, for ``display``.
     """
     import ipywidgets as widgets
-    import matplotlib.pyplot as plt
-    from matplotlib.figure import Figure
 
     if not callable(draw):
-        raise ValueError(f"draw must be a function returning a Figure, got {type(draw).__name__}")
+        raise TypeError(f"draw must be a function returning a Figure, got {type(draw).__name__}")
     for name, control in controls.items():
         if not isinstance(control, widgets.ValueWidget):
-            raise ValueError(f"control {name!r} must be an ipywidgets control, got {control!r}")
+            raise TypeError(f"control {name!r} must be an ipywidgets control, got {control!r}")
         control.description = control.description or name
     image = widgets.Image(format="png")
 
     def redraw(_change=None) -> None:
-        fig = draw(**{name: control.value for name, control in controls.items()})
-        if not isinstance(fig, Figure):
-            raise ValueError(f"draw must return a matplotlib Figure, got {type(fig).__name__}")
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", bbox_inches="tight")  # as the inline backend does
-        plt.close(fig)
-        image.value = buffer.getvalue()
+        image.value = _png(draw(**{name: control.value for name, control in controls.items()}))
 
     for control in controls.values():
         control.observe(redraw, names="value")
     redraw()
     return widgets.VBox([*controls.values(), image])
+
+
+def _png(fig, dpi: float | None = None) -> bytes:
+    """The figure ``draw`` returned, as PNG bytes (cropped as the inline backend does), closed."""
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    if not isinstance(fig, Figure):
+        raise TypeError(f"draw must return a matplotlib Figure, got {type(fig).__name__}")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight", dpi=dpi)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+class Scrubber:
+    """A figure with a slider that needs no kernel: every frame is drawn beforehand and stored
+    in the notebook's output as a PNG, and a few lines of JavaScript, with nothing to fetch,
+    show the frame the slider points at.  Made by :func:`scrubber`; displays as HTML in
+    Jupyter and in the built book.  ``frames`` holds the PNG bytes, ``labels`` the slider's
+    values as text."""
+
+    def __init__(self, name: str, labels: list[str], frames: list[bytes], start: int) -> None:
+        self.name, self.labels, self.frames, self.start = name, labels, frames, start
+
+    def __repr__(self) -> str:
+        return f"Scrubber({self.name}: {len(self.frames)} frames, {self.labels[0]} to {self.labels[-1]})"
+
+    def _repr_html_(self) -> str:
+        import base64
+        import html
+        import json
+
+        sources = ["data:image/png;base64," + base64.b64encode(f).decode() for f in self.frames]
+        data = json.dumps({"frames": sources, "labels": self.labels}).replace("</", "<\\/")
+        name, label = html.escape(self.name), html.escape(self.labels[self.start])
+        return (
+            f'<div class="diffcore-scrubber">'
+            f'<img class="diffcore-frame" src="{sources[self.start]}" alt="{name} = {label}" '
+            f'style="max-width:100%;background:#fff">'
+            f'<div style="display:flex;gap:0.6em;align-items:center;max-width:36em">'
+            f"<span>{name}</span>"
+            f'<input type="range" min="0" max="{len(sources) - 1}" step="1" '
+            f'value="{self.start}" aria-label="{name}" style="flex:1">'
+            f"<output>{label}</output></div>"
+            f'<script type="application/json">{data}</script>'
+            "<script>(function () {"
+            "var root = document.currentScript.parentElement;"
+            "var data = JSON.parse(root.querySelector('script[type=\"application/json\"]')"
+            ".textContent);"
+            "var img = root.querySelector('img'), out = root.querySelector('output');"
+            "var slider = root.querySelector('input');"
+            "slider.addEventListener('input', function () {"
+            "img.src = data.frames[slider.value]; out.textContent = data.labels[slider.value];"
+            "img.alt = slider.getAttribute('aria-label') + ' = ' + data.labels[slider.value];"
+            "});})();</script></div>"
+        )
+
+
+def scrubber(draw: Callable, *, start: int = 0, fmt: str = "{:.3g}", dpi=72, **values) -> Scrubber:
+    """The kernel-free twin of :func:`explorer`: ``draw(**{name: v})`` is drawn for every
+    value ``v`` of the one keyword ``name=[v0, v1, ...]``, and the figure is shown with a slider
+    over those values that works in the built book, offline, with no kernel.
+
+    ``start`` is the index of the frame shown first, ``fmt`` formats numeric values for the
+    label, ``dpi`` sets the frames' resolution (their PNGs are stored in the notebook).  Keep
+    the frames few (a dozen): each is an image in the page.  Returns a :class:`Scrubber`.
+    """
+    if not callable(draw):
+        raise TypeError(f"draw must be a function returning a Figure, got {type(draw).__name__}")
+    if len(values) != 1:
+        raise TypeError(f"scrubber takes exactly one keyword of values, got {sorted(values)}")
+    ((name, sweep),) = values.items()
+    sweep = list(sweep)
+    if len(sweep) < 2:
+        raise ValueError(f"{name} must hold at least 2 values to scrub over, got {sweep!r}")
+    count(start + 1, "start + 1")
+    if start >= len(sweep):
+        raise ValueError(f"start must index one of the {len(sweep)} values, got start = {start}")
+    labels = [fmt.format(v) if isinstance(v, (int, float)) else str(v) for v in sweep]
+    frames = [_png(draw(**{name: v}), dpi=dpi) for v in sweep]
+    return Scrubber(name, labels, frames, start)
 
 
 # -- drawings two or more chapters make: fields, loss curves, errors against NFE, images, paths --

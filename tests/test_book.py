@@ -15,8 +15,12 @@
     copy installed by ``make test`` (npm package ``mathjax`` under ``.cache/npm``).
     Display equations wider than the text column, and requests to hosts other than
     MathJax's CDN, fail the test too.
-    A full-page screenshot of each page is saved under the test's temporary directory,
-    and also under ``$DIFFCORE_SCREENSHOTS`` when that variable names a directory.
+    Every kernel-free interactive figure (``diffcore.plot.scrubber``) is found, its slider
+    moved, and the picture and its label must change; every chapter with an ipywidgets
+    explorer must have at least one such figure.  A full-page screenshot of each page is
+    saved under the test's temporary directory, in the theme's light mode and again in its
+    dark mode (``dark/``), and also under ``$DIFFCORE_SCREENSHOTS`` when that variable names
+    a directory.
 
 Without Chromium, Playwright or the local MathJax, the browser test is skipped with a
 message saying what to install; with ``DIFFCORE_REQUIRE_BROWSER=1`` (as in CI) it fails
@@ -267,6 +271,33 @@ async () => {
 """
 
 
+# Moves the slider of every kernel-free figure to another frame and reports what changed.
+SCRUB_JS = r"""
+() => Array.from(document.querySelectorAll('.diffcore-scrubber')).map((root) => {
+  const img = root.querySelector('img');
+  const slider = root.querySelector('input[type=range]');
+  const out = root.querySelector('output');
+  if (!img || !slider || !out) return {ok: false, what: 'a scrubber lacks its image or slider'};
+  const src = img.src, label = out.textContent;
+  slider.value = slider.value === slider.max ? slider.min : slider.max;
+  slider.dispatchEvent(new Event('input', {bubbles: true}));
+  const ok = img.src !== src && out.textContent !== label && img.complete;
+  return {ok: ok, what: label + ' -> ' + out.textContent};
+})
+"""
+
+DARK_JS = "() => { document.documentElement.dataset.theme = 'dark'; }"
+
+
+def _chapters_with_explorers() -> set[str]:
+    """The pages (``notebooks/NN_name.html``) whose notebook builds an ipywidgets explorer."""
+    found = set()
+    for path in sorted((ROOT / "notebooks").glob("[0-9]*.ipynb")):
+        if "plot.explorer(" in path.read_text(encoding="utf-8"):
+            found.add(f"notebooks/{path.stem}.html")
+    return found
+
+
 def test_pages_render_in_browser(built_book: BookBuild, served_book: str, tmp_path: Path) -> None:
     chromium = _chromium()
     if chromium is None:
@@ -293,7 +324,7 @@ def test_pages_render_in_browser(built_book: BookBuild, served_book: str, tmp_pa
     if os.environ.get("DIFFCORE_SCREENSHOTS"):
         shots.append(Path(os.environ["DIFFCORE_SCREENSHOTS"]))
     for directory in shots:
-        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "dark").mkdir(parents=True, exist_ok=True)
 
     mathjax_root = MATHJAX_DIR.resolve()
     blocked: list[str] = []
@@ -318,6 +349,7 @@ def test_pages_render_in_browser(built_book: BookBuild, served_book: str, tmp_pa
         route.abort()
 
     problems: dict[str, list[str]] = {}
+    scrubbers: dict[str, int] = {}
     pages_with_math = 0
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
@@ -334,7 +366,13 @@ def test_pages_render_in_browser(built_book: BookBuild, served_book: str, tmp_pa
                 name = rel.replace("/", "__").removesuffix(".html") + ".png"
                 for directory in shots:
                     page.screenshot(path=str(directory / name), full_page=True)
+                scrubbed = page.evaluate(SCRUB_JS)
+                page.evaluate(DARK_JS)
+                page.wait_for_timeout(100)
+                for directory in shots:
+                    page.screenshot(path=str(directory / "dark" / name), full_page=True)
                 page.close()
+                scrubbers[rel] = len(scrubbed)
 
                 pages_with_math += report["math"] > 0
                 found = []
@@ -356,6 +394,9 @@ def test_pages_render_in_browser(built_book: BookBuild, served_book: str, tmp_pa
                     )
                 if js_errors:
                     found.append(f"script errors: {js_errors[:5]}")
+                stuck = [s["what"] for s in scrubbed if not s["ok"]]
+                if stuck:
+                    found.append(f"{len(stuck)} interactive figures did not move: {stuck[:5]}")
                 if found:
                     problems[rel] = found
         finally:
@@ -370,6 +411,11 @@ def test_pages_render_in_browser(built_book: BookBuild, served_book: str, tmp_pa
             f"files missing from the local MathJax copy: {sorted(set(missing))[:5]}"
         ]
     assert pages_with_math > 0, "no page has math, yet the notation page is full of it"
+    for rel in sorted(_chapters_with_explorers()):
+        if not scrubbers.get(rel):
+            problems.setdefault(rel, []).append(
+                "an ipywidgets explorer without a kernel-free twin (plot.scrubber)"
+            )
     details = "\n".join(f"{page}:\n  " + "\n  ".join(found) for page, found in problems.items())
     assert not problems, (
         f"{len(problems)} of {len(pages)} pages render badly "

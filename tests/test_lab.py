@@ -260,6 +260,19 @@ def test_explorer_hands_the_panels_and_the_values_to_draw():
     assert plt.get_fignums() == []
 
 
+def test_panels_makes_the_figure_and_hands_draw_its_axes():
+    from matplotlib.figure import Figure
+
+    seen = []
+    figure = lab.panels(
+        lambda axes, t: seen.append((axes.shape, t)), grid=(2, 3), figsize=(6, 4), dpi=40
+    )
+    fig = figure(t=0.5)
+    assert isinstance(fig, Figure) and len(fig.axes) == 6 and seen == [((2, 3), 0.5)]
+    assert tuple(fig.get_size_inches()) == (6.0, 4.0) and fig.dpi == 40
+    plt.close(fig)
+
+
 # -- bad input ------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("call", "error", "message"),
@@ -299,6 +312,7 @@ def test_explorer_hands_the_panels_and_the_values_to_draw():
         (lambda: lab.scores([0.0], torch.zeros(1, 1, 8, 8)), TypeError, "x must be"),
         (lambda: lab.explorer("draw"), TypeError, "draw must be a function"),
         (lambda: lab.explorer(lambda ax: None, grid=(0, 1)), ValueError, "grid"),
+        (lambda: lab.panels(lambda ax: None, grid=(1,)), ValueError, "grid"),
     ],
 )  # fmt: skip
 def test_bad_input_is_refused_by_name(call, error, message):

@@ -58,3 +58,33 @@ def test_binder_builds_the_pinned_environment_with_the_cpu_build_of_torch():
     assert match, runtime
     requires = re.search(r'requires-python = ">=3\.(\d+)"', (ROOT / "pyproject.toml").read_text())
     assert requires and int(match[1]) >= int(requires[1]), (runtime, requires)
+
+
+def test_the_pages_workflow_runs_the_readme_commands():
+    """The workflow that publishes the book runs the README's two commands and nothing of its
+    own: the tests through .ci/run (which calls make test), the book through make book, whose
+    output it deploys; the README and the citation name the same online address."""
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "book.yml").read_text())
+    runs = [
+        step["run"] for job in workflow["jobs"].values() for step in job["steps"] if "run" in step
+    ]
+    assert runs == ['sudo -E env "PATH=$PATH" ./.ci/run', "make book"], runs
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    first = readme.split("```")[1]
+    assert "make book" in first and "make test" in first, first
+    uploads = [
+        step["with"]["path"]
+        for job in workflow["jobs"].values()
+        for step in job["steps"]
+        if step.get("uses", "").startswith("actions/upload-pages-artifact")
+    ]
+    assert uploads == ["_build/html"], uploads
+    citation = yaml.safe_load((ROOT / "CITATION.cff").read_text(encoding="utf-8"))
+    assert (
+        citation["url"] in readme and citation["url"] in (ROOT / "book" / "preface.md").read_text()
+    )
+    assert (
+        citation["repository-code"]
+        == yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))["repository"]["url"]
+    )

@@ -111,11 +111,11 @@ def test_explorer_redraws_the_figure_when_a_control_changes():
 def test_explorer_refuses_what_is_not_a_control_or_a_figure():
     import ipywidgets as widgets
 
-    with pytest.raises(ValueError, match="control 't' must be an ipywidgets control"):
+    with pytest.raises(TypeError, match="control 't' must be an ipywidgets control"):
         plot.explorer(lambda t: plt.figure(), t=0.3)
-    with pytest.raises(ValueError, match="must return a matplotlib Figure, got NoneType"):
+    with pytest.raises(TypeError, match="must return a matplotlib Figure, got NoneType"):
         plot.explorer(lambda t: None, t=widgets.FloatSlider())
-    with pytest.raises(ValueError, match="draw must be a function"):
+    with pytest.raises(TypeError, match="draw must be a function"):
         plot.explorer("draw", t=widgets.FloatSlider())
 
 
@@ -218,3 +218,48 @@ def test_shared_drawings_refuse_bad_input_by_name(call, error, message):
             call(ax)
     finally:
         plt.close(fig)
+
+
+# -- the kernel-free figure ------------------------------------------------------------------
+def test_scrubber_stores_one_frame_per_value_and_a_slider_over_them():
+    import base64
+    import json
+    import re
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn = []
+
+    def draw(t):
+        drawn.append(t)
+        fig, ax = plt.subplots(figsize=(2, 2))
+        ax.plot([0, 1], [0, t])
+        return fig
+
+    figure = plot.scrubber(draw, t=[0.1, 0.5, 0.9], start=1)
+    assert drawn == [0.1, 0.5, 0.9] and len(figure.frames) == 3
+    assert all(frame.startswith(b"\x89PNG") for frame in figure.frames)
+    assert len(set(figure.frames)) == 3  # the frames differ
+    page = figure._repr_html_()
+    assert 'type="range" min="0" max="2" step="1" value="1"' in page
+    data = json.loads(re.search(r'<script type="application/json">(.*?)</script>', page)[1])
+    assert data["labels"] == ["0.1", "0.5", "0.9"]
+    assert [base64.b64decode(src.split(",")[1]) for src in data["frames"]] == figure.frames
+    assert "http" not in page.replace("https://matplotlib.org", "")  # nothing to fetch
+    assert repr(figure) == "Scrubber(t: 3 frames, 0.1 to 0.9)"
+
+
+def test_scrubber_refuses_bad_input():
+    import matplotlib.pyplot as plt
+
+    with pytest.raises(TypeError, match="exactly one keyword"):
+        plot.scrubber(lambda t, w: plt.figure(), t=[1, 2], w=[1, 2])
+    with pytest.raises(ValueError, match="t must hold at least 2 values"):
+        plot.scrubber(lambda t: plt.figure(), t=[1])
+    with pytest.raises(ValueError, match="start must index one of the 2 values, got start = 2"):
+        plot.scrubber(lambda t: plt.figure(), t=[1, 2], start=2)
+    with pytest.raises(TypeError, match="draw must return a matplotlib Figure, got int"):
+        plot.scrubber(lambda t: 3, t=[1, 2])
