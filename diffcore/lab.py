@@ -163,7 +163,8 @@ def sw_floor(
     ``seed + 2 r + 1``; with ``reference`` (an exact set of ``n``), the distance of the set
     drawn with ``seed + r`` to it.  A sampler whose distance to exact samples lies within
     this spread cannot be told from exact by ``n`` points.  The projections are those of
-    ``sliced_w2(..., seed=projection_seed)``.  Returns the ``repeats`` values, float64.
+    ``sliced_w2(..., seed=projection_seed)``.  Shapes: ``draw`` returns ``(n, d)``, like
+    ``reference``; returns the values, ``(repeats,)`` in float64.
     """
     if not callable(draw):
         raise TypeError(f"draw must be a function (n, generator) -> samples, got {draw!r}")
@@ -461,7 +462,8 @@ def exact_w2(sampler, gaussian: Gaussian, ts: Tensor, process: Process, **option
 
     The output law is :func:`diffcore.metrics.sampler_output_law` (from the exact marginal at
     ``ts[0]``, with ``options``), the distance :func:`diffcore.metrics.gaussian_w2`.
-    ``sampler`` is a sampler or its name.  Returns a float.
+    ``sampler`` is a sampler or its name.  Shapes: ``ts`` a decreasing 1-D grid of times
+    (:func:`diffcore.samplers.time_grid`); returns a float.
     """
     if not isinstance(gaussian, Gaussian):
         raise TypeError(f"gaussian must be an analytic.Gaussian, got {type(gaussian).__name__}")
