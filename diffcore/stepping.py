@@ -260,12 +260,14 @@ class Interval:
         "denoised",
         "kept",
         "nfe",
-        "_engine",
+        "_model",
+        "_noise",
     )
 
     def D(self, x: Tensor, at: Point | None = None) -> Tensor:  # noqa: N802 (the denoiser D)
         """The denoiser :math:`D(x, t)` at ``at`` (default the step's start ``t``)."""
-        out = self._engine.call(x, (at or self.t).time)
+        time = (self.t if at is None else at).time
+        out = returned(self._model(x, time), x, "model(x, t)")
         self.nfe += 1
         if self.denoised is None:
             self.denoised = out
@@ -275,8 +277,8 @@ class Interval:
         """Standard normal noise times ``std``, shaped like the state (or like ``like``), from
         the run's noise source."""
         if like is None:
-            return self._engine.noise(self.i, std)
-        return self._engine.noise(self.i, std, like)
+            return self._noise(self.i, std)
+        return self._noise(self.i, std, like)
 
     def ddim(self, x: Tensor, x0: Tensor, eta: float = 0.0, eps: Tensor | None = None) -> Tensor:
         r"""The shared DDIM transition from ``t`` to ``s`` (:func:`ddim_step`), drawing its
@@ -313,16 +315,6 @@ def noise_source(like: Tensor, generator=None, noise_sampler=None) -> Callable:
     return drawn
 
 
-class _Engine:
-    def __init__(self, model, x, generator, noise_sampler):
-        if not callable(model):
-            raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
-        self.model, self.noise = model, noise_source(x, generator, noise_sampler)
-
-    def call(self, x: Tensor, time: Tensor) -> Tensor:
-        return returned(self.model(x, time), x, "model(x, t)")
-
-
 def integrate(
     update: Callable,
     model: Callable,
@@ -336,7 +328,6 @@ def integrate(
     denoise_last: bool = False,
     progress: bool | None = None,
     finish: Callable | None = None,
-    start: Callable | None = None,
 ) -> Tensor:
     r"""Run ``x = update(k, x)`` over the steps of ``ts``, with ``k`` the step's :class:`Interval`.
 
@@ -348,8 +339,7 @@ def integrate(
     ``denoise_last`` (return :math:`D(x, t_{\min})`, one more call), ``progress`` (a progress
     bar; ``None``: for runs of at least :data:`LONG_RUN` steps).  For the solvers:
     ``finish(k, x)`` computes the returned value from the last state with ``k`` at the last time
-    (``k.t = k.s`` = the last point), and ``start(k)`` is called before the first step with
-    ``k`` at the first one (to precompute).  Returns the state at ``ts[-1]`` (or the finish).
+    (``k.t = k.s`` = the last point).  Returns the state at ``ts[-1]`` (or the finish).
     Shapes: ``x`` ``(batch, ...)``; returns the same.
     """
     if not isinstance(denoise_last, bool):
@@ -359,11 +349,13 @@ def integrate(
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable as callback(step), got {callback!r}")
     finite(x, "x")
-    engine = _Engine(model, x, generator, noise_sampler)
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
+    noise = noise_source(x, generator, noise_sampler)
     points = grid_points(process, check_time_grid(ts), x)
     n = len(points) - 1
     k = Interval()
-    k._engine, k.history, k.nfe = engine, [], 0
+    k._model, k._noise, k.history, k.nfe = model, noise, [], 0
     steps = range(n)
     if progress or (progress is None and n >= LONG_RUN):
         from tqdm.auto import tqdm
@@ -372,8 +364,6 @@ def integrate(
     for i in steps:
         k.i, k.t, k.s, k.first, k.last = i, points[i], points[i + 1], i == 0, i == n - 1
         k.h, k.denoised, k.kept = k.s.lam - k.t.lam, None, None
-        if k.first and start is not None:
-            start(k)
         x = update(k, x)
         if callback is not None:
             callback(Step(i, k.s.time, x, k.denoised, k.nfe))
