@@ -274,7 +274,11 @@ def _show(value: Tensor, limit: int = 6) -> str:
 
 
 def _outside(t: Tensor, name: str) -> ValueError:
-    shown = _show(t) if t.ndim == 0 else _show(t[~((t >= 0) & (t <= 1))])
+    # every digit the dtype holds: a time a hair above 1 must not read as "1"
+    digits = 17 if t.dtype == torch.float64 else 9
+    flat = t.reshape(-1)
+    bad = [f"{v:.{digits}g}" for v in flat[~((flat >= 0) & (flat <= 1))].tolist()]
+    shown = bad[0] if t.ndim == 0 else f"[{', '.join(bad[:6])}{', ...' * (len(bad) > 6)}]"
     return ValueError(f"{name} must lie in [0, 1], got {name} = {shown}")
 
 

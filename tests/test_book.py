@@ -293,7 +293,7 @@ def _chapters_with_explorers() -> set[str]:
     """The pages (``notebooks/NN_name.html``) whose notebook builds an ipywidgets explorer."""
     found = set()
     for path in sorted((ROOT / "notebooks").glob("[0-9]*.ipynb")):
-        if "plot.explorer(" in path.read_text(encoding="utf-8"):
+        if re.search(r"\b(plot|lab)\.explorer\(", path.read_text(encoding="utf-8")):
             found.add(f"notebooks/{path.stem}.html")
     return found
 
