@@ -208,10 +208,12 @@ def elbo_end_terms(
     real(t_max, "t_max")
     if not (0 < t_min < t_max <= 1):
         raise ValueError(f"need 0 < t_min < t_max <= 1, got t_min = {t_min}, t_max = {t_max}")
-    snr_end = float((process.alpha(t_max) / process.sigma(t_max)) ** 2)
+    ends = torch.tensor([t_min, t_max], dtype=torch.float64)  # the schedule in double precision
+    alpha, sigma = process.alpha(ends).tolist(), process.sigma(ends).tolist()
+    snr_end = (alpha[1] / sigma[1]) ** 2
     prior = 0.5 * snr_end * x0.flatten(1).pow(2).sum(1)
     d = x0[0].numel()
-    noise_to_signal = float((process.sigma(t_min) / process.alpha(t_min)) ** 2)
+    noise_to_signal = (sigma[0] / alpha[0]) ** 2
     reconstruction = x0.new_full(
         (x0.shape[0],), 0.5 * d * math.log(2 * math.pi * math.e * noise_to_signal)
     )
