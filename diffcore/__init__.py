@@ -8,7 +8,10 @@ data sets that ship with the packages (:mod:`diffcore.data`), likelihoods throug
 (:mod:`diffcore.likelihood`) and distances between laws and samples (:mod:`diffcore.metrics`);
 classifier and classifier-free guidance (:mod:`diffcore.guidance`) and flow maps: consistency
 models, CTM and MeanFlow (:mod:`diffcore.flowmap`); and inverse problems with diffusion
-priors, PnP and exact posteriors (:mod:`diffcore.inverse`).  The pictures the chapters share,
+priors, PnP and exact posteriors (:mod:`diffcore.inverse`).  Every sampler and solver runs on
+one stepping engine (:mod:`diffcore.stepping`).  Diffusions that start from the degraded image
+(RDDM, Resfusion, ResShift) are in :mod:`diffcore.residual`, mean-reverting diffusions and
+diffusion bridges in :mod:`diffcore.bridges`.  The pictures the chapters share,
 exact densities on a grid, images tiled into one array and figures redrawn by sliders, are in
 :mod:`diffcore.plot`; what the chapters' checks and sweeps share (seeded draws, errors against
 an exact answer, sweeps over the number of model calls, explorers) in :mod:`diffcore.lab`.
@@ -16,6 +19,7 @@ an exact answer, sweeps over the number of model calls, explorers) in :mod:`diff
 
 from diffcore import (
     analytic,
+    bridges,
     data,
     flowmap,
     guidance,
@@ -26,13 +30,16 @@ from diffcore import (
     nets,
     plot,
     processes,
+    residual,
     samplers,
+    stepping,
     targets,
     train,
 )
 
 __all__ = [
     "analytic",
+    "bridges",
     "data",
     "flowmap",
     "guidance",
@@ -43,7 +50,9 @@ __all__ = [
     "nets",
     "plot",
     "processes",
+    "residual",
     "samplers",
+    "stepping",
     "targets",
     "train",
 ]

@@ -4,6 +4,7 @@ that cell.  The repository's address is written in _config.yml; the cells must a
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,42 @@ def test_the_pages_workflow_runs_the_readme_commands():
         citation["repository-code"]
         == yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))["repository"]["url"]
     )
+
+
+def test_the_chapters_read_like_a_book():
+    """The targets of the book's style, measured as ``benchmarks/readability.py`` prints them:
+    the median visible code cell at most 8 lines, at most 10% of visible cells over 20 lines,
+    no function defined in two notebooks, more diffcore than matplotlib calls in every
+    chapter's visible cells, and at most 60 functions and classes in all notebooks."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import readability
+    finally:
+        sys.path.pop(0)
+    figures = readability.measure(NOTEBOOKS)
+    assert figures["median"] <= 8, figures["median"]
+    assert figures["over_20_share"] <= 0.10, figures["over_20_share"]
+    assert not figures["repeated"], figures["repeated"]
+    assert figures["definitions"] <= 60, figures["definitions"]
+    heavy = [r["chapter"] for r in figures["rows"] if r["diffcore"] <= r["matplotlib"]]
+    assert not heavy, heavy
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_every_chapter_ends_with_exercises_whose_solutions_run(path):
+    """Two to four exercises at the end; each has a gated, hidden solution with code that
+    asserts its answer (so that nbval runs it)."""
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    sources = ["".join(c["source"]) for c in cells]
+    labels = re.findall(r"```\{exercise\}[^\n]*\n:label: (\S+)", "\n".join(sources))
+    assert 2 <= len(labels) <= 4, (path.name, labels)
+    for label in labels:
+        start = next(i for i, s in enumerate(sources) if f"{{solution-start}} {label}" in s)
+        assert ":class: dropdown" in sources[start], (path.name, label)
+        end = next(i for i in range(start, len(cells)) if "{solution-end}" in sources[i])
+        code = [
+            s
+            for c, s in zip(cells[start:end], sources[start:end], strict=True)
+            if c["cell_type"] == "code"
+        ]
+        assert code and any("assert" in s for s in code), (path.name, label)
