@@ -10,7 +10,7 @@ to :func:`integrate`, which owns everything the methods share:
   the model returns;
 - the noise, :meth:`Interval.noise`: ``noise_sampler(i, shape)`` when given, else a standard
   normal draw from ``generator``; one hook for all;
-- the history of earlier steps that multistep methods read, :attr:`Interval.history`;
+- the history of earlier steps that multistep methods read, ``Interval.history``;
 - the observer, ``callback(step)`` with a :class:`Step` after every step, and :class:`Trace`,
   the callback that records a run and counts its model calls;
 - the final denoise (``denoise_last``), a progress bar for long runs (``progress``), and a check
@@ -49,15 +49,18 @@ __all__ = [
     "noising_weights",
     "emit",
     "noise_source",
+    "LONG_RUN",
 ]
 
 #: Runs of at least this many steps show a progress bar when ``progress=None``.
 LONG_RUN = 500
 
 
-#: The grid check every run makes (:func:`diffcore.checks.time_grid`): a strictly decreasing
-#: 1-D tensor of at least two times in [0, 1].
-check_time_grid = time_grid
+def check_time_grid(ts) -> Tensor:
+    """The check every run makes of its grid: a strictly decreasing 1-D tensor of at least two
+    times in [0, 1] (a list becomes a float64 tensor).  Shapes: ``ts`` ``(n + 1,)``; returns
+    it."""
+    return time_grid(ts)
 
 
 @dataclass(frozen=True, slots=True)
