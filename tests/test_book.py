@@ -273,17 +273,25 @@ async () => {
 
 # Moves the slider of every kernel-free figure to another frame and reports what changed.
 SCRUB_JS = r"""
-() => Array.from(document.querySelectorAll('.diffcore-scrubber')).map((root) => {
-  const img = root.querySelector('img');
-  const slider = root.querySelector('input[type=range]');
-  const out = root.querySelector('output');
-  if (!img || !slider || !out) return {ok: false, what: 'a scrubber lacks its image or slider'};
-  const src = img.src, label = out.textContent;
-  slider.value = slider.value === slider.max ? slider.min : slider.max;
-  slider.dispatchEvent(new Event('input', {bubbles: true}));
-  const ok = img.src !== src && out.textContent !== label && img.complete;
-  return {ok: ok, what: label + ' -> ' + out.textContent};
-})
+async () => {
+  const found = [];
+  for (const root of document.querySelectorAll('.diffcore-scrubber')) {
+    const img = root.querySelector('img');
+    const slider = root.querySelector('input[type=range]');
+    const out = root.querySelector('output');
+    if (!img || !slider || !out) {
+      found.push({ok: false, what: 'a scrubber lacks its image or slider'});
+      continue;
+    }
+    const src = img.src, label = out.textContent;
+    slider.value = slider.value === slider.max ? slider.min : slider.max;
+    slider.dispatchEvent(new Event('input', {bubbles: true}));
+    try { await img.decode(); } catch (err) { /* a broken frame fails the check below */ }
+    const ok = img.src !== src && out.textContent !== label && img.naturalWidth > 0;
+    found.push({ok: ok, what: label + ' -> ' + out.textContent});
+  }
+  return found;
+}
 """
 
 DARK_JS = "() => { document.documentElement.dataset.theme = 'dark'; }"
