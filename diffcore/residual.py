@@ -263,11 +263,13 @@ class RDDM(ResidualChain):
         r"""RDDM's :math:`q(x_s \mid x_t, x_0, R)`, the code's ``q_posterior``:
 
         .. math::
-            \mu = \frac{\bar\beta_s^2}{\bar\beta_t^2}x_t
-                + \frac{(\bar\beta_t^2 - \bar\beta_s^2)\bar\alpha_s - \bar\beta_s^2(\bar\alpha_t
-                  - \bar\alpha_s)}{\bar\beta_t^2}R + \frac{\bar\beta_t^2 - \bar\beta_s^2}
-                  {\bar\beta_t^2}x_0, \qquad
-            \sigma^2 = \frac{(\bar\beta_t^2 - \bar\beta_s^2)\bar\beta_s^2}{\bar\beta_t^2}.
+            \begin{aligned}
+            \mu &= \frac{\bar\beta_s^2}{\bar\beta_t^2}x_t
+                + \frac{(\bar\beta_t^2 - \bar\beta_s^2)\bar\alpha_s
+                  - \bar\beta_s^2(\bar\alpha_t - \bar\alpha_s)}{\bar\beta_t^2}R \\
+                &\quad + \frac{\bar\beta_t^2 - \bar\beta_s^2}{\bar\beta_t^2}x_0, \\
+            \sigma^2 &= \frac{(\bar\beta_t^2 - \bar\beta_s^2)\bar\beta_s^2}{\bar\beta_t^2}.
+            \end{aligned}
 
         Shapes: ``x_t``, ``x0``, ``y`` ``(batch, ...)``; ``t > s`` floats; returns the mean
         ``(batch, ...)`` and the variance (a float).
