@@ -5,7 +5,6 @@ Gaussian and ``metrics.sampler_output_law`` gives it exactly; the W2 distances b
 without Monte Carlo, except where a test says otherwise.
 """
 
-import inspect
 import math
 
 import pytest
@@ -57,9 +56,7 @@ def test_exact_law_matches_monte_carlo(name):
     n = 20_000
     gen = torch.Generator().manual_seed(7)
     x = g.marginal(T_MAX, vp).sample(n, generator=gen)
-    if "generator" in inspect.signature(samplers.SAMPLERS[name]).parameters:
-        options["generator"] = gen
-    out = samplers.SAMPLERS[name](g.denoiser(vp), x, ts, vp, **options)
+    out = samplers.SAMPLERS[name](g.denoiser(vp), x, ts, vp, generator=gen, **options)
     assert_gaussian_moments(out, mean, cov)
     # The exact W2 to the law it aims at, p_{t_min}, against the W2 of the Monte-Carlo Gaussian
     # fit: they differ by at most W2(exact law, fit) (triangle inequality), whose square has
