@@ -379,10 +379,12 @@ def mrs_ode_noise(
     linearly in :math:`\lambda`:
 
     .. math::
-        x_s = \frac{\alpha_s}{\alpha_t}x_t + \Big(1 - \frac{\alpha_s}{\alpha_t}\Big)y
-              - \sigma_s(e^h - 1)\hat\varepsilon_i
-              - \sigma_s\Big(\frac{e^h - 1}{h} - 1\Big)\frac{\hat\varepsilon_i
-              - \hat\varepsilon_{i-1}}{r},
+        \begin{aligned}
+        x_s = {} & \frac{\alpha_s}{\alpha_t}x_t + \Big(1 - \frac{\alpha_s}{\alpha_t}\Big)y
+              - \sigma_s(e^h - 1)\hat\varepsilon_i \\
+              & - \sigma_s\Big(\frac{e^h - 1}{h} - 1\Big)
+              \frac{\hat\varepsilon_i - \hat\varepsilon_{i-1}}{r},
+        \end{aligned}
 
     as ``MRSampler.step_ode_2nd`` (``parameterization="noise"``) writes it;
     :math:`\sigma_s e^h` is computed as :math:`\alpha_s\sigma_t/\alpha_t`, finite where
@@ -425,9 +427,11 @@ def mrs_sde_data(
     + \sigma_s\sqrt{1 - e^{-2h}}\,z`; with :math:`D` linear in :math:`\lambda`,
 
     .. math::
-        x_s = \frac{\sigma_s}{\sigma_t}e^{-h}x_t + \alpha_s(1 - e^{-2h})D_i
-              + \alpha_s\varphi_2(2h)\frac{D_i - D_{i-1}}{r}
-              + \sigma_s\sqrt{1 - e^{-2h}}\,z + (1 - \text{the weights of } x_t, D_i)\,y,
+        \begin{aligned}
+        x_s = {} & \frac{\sigma_s}{\sigma_t}e^{-h}x_t + \alpha_s(1 - e^{-2h})D_i
+              + \alpha_s\varphi_2(2h)\frac{D_i - D_{i-1}}{r} \\
+              & + \sigma_s\sqrt{1 - e^{-2h}}\,z + (1 - \text{the weights of } x_t, D_i)\,y,
+        \end{aligned}
 
     :math:`\varphi_2(2h) = 1 - (1 - e^{-2h})/(2h)`, as ``MRSampler.step_sde_2nd`` writes it.
     First order it is DDPM's ancestral step on :math:`u = x - y`, a draw of IR-SDE's
@@ -469,10 +473,12 @@ def mrs_sde_noise(
     \sigma_s\sqrt{e^{2h} - 1}\,z`; with :math:`\hat\varepsilon` linear in :math:`\lambda`,
 
     .. math::
-        x_s = \frac{\alpha_s}{\alpha_t}x_t + \Big(1 - \frac{\alpha_s}{\alpha_t}\Big)y
-              - 2\sigma_s(e^h - 1)\hat\varepsilon_i
-              - 2\sigma_s\Big(\frac{e^h - 1}{h} - 1\Big)\frac{\hat\varepsilon_i
-              - \hat\varepsilon_{i-1}}{r} + \sigma_s\sqrt{e^{2h} - 1}\,z,
+        \begin{aligned}
+        x_s = {} & \frac{\alpha_s}{\alpha_t}x_t + \Big(1 - \frac{\alpha_s}{\alpha_t}\Big)y
+              - 2\sigma_s(e^h - 1)\hat\varepsilon_i \\
+              & - 2\sigma_s\Big(\frac{e^h - 1}{h} - 1\Big)
+              \frac{\hat\varepsilon_i - \hat\varepsilon_{i-1}}{r} + \sigma_s\sqrt{e^{2h} - 1}\,z,
+        \end{aligned}
 
     as ``MRSampler.step_sde_2nd`` (``parameterization="noise"``) writes it (SDE-DPM-Solver-1
     of Lu et al. on :math:`u` at first order), with :math:`\sigma_s e^h =

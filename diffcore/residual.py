@@ -689,8 +689,9 @@ class GaussianPair:
         r"""The exact PF-ODE flow given :math:`y`, from time ``s`` to ``t``:
 
         .. math::
-            x_t - c_t y - a_t m(y) = C_t^{1/2}C_s^{-1/2}(x_s - c_s y - a_s m(y)), \qquad
-            C_t = a_t^2 S + b_t^2 I
+            x_t - c_t y - a_t m(y) = C_t^{1/2}C_s^{-1/2}(x_s - c_s y - a_s m(y)),
+
+        .. math:: C_t = a_t^2 S + b_t^2 I
 
         (the :math:`C_t` commute).  Needs :math:`C_s` invertible.  Shapes as in
         :meth:`denoise`; ``s``, ``t`` floats."""
