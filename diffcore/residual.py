@@ -480,7 +480,7 @@ class ResShift(ResidualChain):
         n = self.steps
         i = torch.clamp(torch.floor(t.detach() * n), 0, n - 1).long()
         slope = (knots[i + 1] - knots[i]) * n
-        return knots[i] + slope * (t - i / n), slope
+        return knots[i] + slope * (t - i.to(t.dtype) / n), slope  # in t's dtype
 
     def eta(self, t) -> Tensor:
         r""":math:`\eta_t`, with :math:`\eta_{n/T} = \eta_n` and :math:`\eta_0 = 0`."""
