@@ -79,19 +79,9 @@ __all__ = [
     "meanflow_sample",
 ]
 
-#: The deterministic samplers: the PF-ODE solvers a teacher or an exact flow map may use.
-ODE_SOLVERS = (
-    "euler",
-    "heun",
-    "ddim",
-    "dpm_solver_1",
-    "dpm_solver_2",
-    "dpm_solver_3",
-    "dpmpp_2m",
-    "dpmpp_3m",
-    "unipc",
-    "plms",
-)
+#: The deterministic samplers (by the registry's facts; heun and ddim with their defaults):
+#: the PF-ODE solvers a teacher or an exact flow map may use.
+ODE_SOLVERS = tuple(name for name, sampler in SAMPLERS.items() if sampler.stochastic is not True)
 _LAM_CAP = 10.0  # |lam| at which exact_flow_map replaces an infinite log-SNR end
 _FREQ = 0.03  # TwoTimeMLP embeds 0.03 t: smooth in t, for MeanFlow's d/dt (see the class)
 
