@@ -11,7 +11,8 @@ models, CTM and MeanFlow (:mod:`diffcore.flowmap`); and inverse problems with di
 priors, PnP and exact posteriors (:mod:`diffcore.inverse`).  Every sampler and solver runs on
 one stepping engine (:mod:`diffcore.stepping`).  Diffusions that start from the degraded image
 (RDDM, Resfusion, ResShift) are in :mod:`diffcore.residual`, mean-reverting diffusions and
-diffusion bridges in :mod:`diffcore.bridges`.  The pictures the chapters share,
+diffusion bridges in :mod:`diffcore.bridges`, multiplicative (geometric Brownian) diffusion of
+positive data in :mod:`diffcore.multiplicative`.  The pictures the chapters share,
 exact densities on a grid, images tiled into one array and figures redrawn by sliders, are in
 :mod:`diffcore.plot`; what the chapters' checks and sweeps share (seeded draws, errors against
 an exact answer, sweeps over the number of model calls, explorers) in :mod:`diffcore.lab`.
@@ -27,6 +28,7 @@ from diffcore import (
     lab,
     likelihood,
     metrics,
+    multiplicative,
     nets,
     plot,
     processes,
@@ -47,6 +49,7 @@ __all__ = [
     "lab",
     "likelihood",
     "metrics",
+    "multiplicative",
     "nets",
     "plot",
     "processes",
