@@ -217,9 +217,12 @@ def fokker_planck_residual(gbm: GBM, log_p: Callable, x: Tensor, t: Tensor) -> T
     For each coordinate, with :math:`\ell = \log p_t(x)` and primes in :math:`x`,
 
     .. math::
-        \frac1p\Big[\partial_t p + \partial_x(\mu x p) - \tfrac12\partial_x^2(\sigma^2x^2p)\Big]
-        = \partial_t\ell + \mu(1 + x\ell') - \tfrac{\sigma^2}2\big(2 + 4x\ell'
+        \begin{aligned}
+        &\frac1p\Big[\partial_t p + \partial_x(\mu x p) - \tfrac12\partial_x^2(\sigma^2x^2p)\Big]
+        \\
+        &\quad = \partial_t\ell + \mu(1 + x\ell') - \tfrac{\sigma^2}2\big(2 + 4x\ell'
           + x^2(\ell'^2 + \ell'')\big),
+        \end{aligned}
 
     zero where :math:`p` is the GBM marginal.  ``log_p(x, t)`` returns the log-density of
     each coordinate (coordinate :math:`j` a function of :math:`x_j` alone).  Shapes: ``x`` and
@@ -254,10 +257,13 @@ def multiplicative_dsm_loss(
 
     .. math::
         x_t\odot\nabla_x\log p(x_t \mid x_0) = -1 - \frac{\varepsilon}{\sigma\sqrt t},
-        \qquad
-        L = \mathbb E\,\tfrac12\sigma^2 t\,\Big\lVert s_\theta(x_t, t) + 1 +
-            \frac{\varepsilon}{\sigma\sqrt t}\Big\rVert^2
-          = \mathbb E\,\tfrac12\big\lVert\sigma\sqrt t\,(s_\theta + 1) + \varepsilon\big\rVert^2,
+
+    .. math::
+        \begin{aligned}
+        L &= \mathbb E\,\tfrac12\sigma^2 t\,\Big\lVert s_\theta(x_t, t) + 1 +
+            \frac{\varepsilon}{\sigma\sqrt t}\Big\rVert^2 \\
+          &= \mathbb E\,\tfrac12\big\lVert\sigma\sqrt t\,(s_\theta + 1) + \varepsilon\big\rVert^2,
+        \end{aligned}
 
     the weight :math:`\sigma^2 t` (the log-space :math:`\sigma_t^2`, as in
     :func:`diffcore.train.dsm_loss`).  Its minimiser is :math:`x\odot\nabla_x\log p_t(x)`.
