@@ -10,7 +10,6 @@ live here, once, with tests.
 >>> lab.sliced_w2(samples, exact, seed=6)                  # the same projections at every call
 >>> lab.steps_for_nfe("heun", 10)                          # 5 steps of 2 model calls
 >>> outs = lab.nfe_sweep("dpmpp_2m", D, x, [5, 10, 20], vp)  # {nfe: sample}
->>> D = lab.counted(D); sampler(D, x, ts, vp); D.nfe        # model calls, counted
 >>> display(lab.explorer(draw, t=widgets.FloatSlider(0.3, min=0, max=1)))  # draw(ax, t=...)
 """
 
@@ -40,9 +39,6 @@ __all__ = [
     "rotated_covariance",
     "OnDevice",
     "on_device",
-    "Frame",
-    "Counted",
-    "counted",
     "steps_for_nfe",
     "nfe_sweep",
     "nfe_to_reach",
@@ -313,58 +309,6 @@ class OnDevice:
 def on_device(model: Callable, device="cpu", dtype: torch.dtype = torch.float32) -> OnDevice:
     """``model`` as an :class:`OnDevice`: run on ``device`` in ``dtype``, called like ``x``."""
     return OnDevice(model, device, dtype)
-
-
-class Frame(NamedTuple):
-    """One recorded model call: the time ``t`` (a float when it is one number), the input
-    ``x`` and the output ``denoised``, detached copies."""
-
-    t: float | Tensor
-    x: Tensor
-    denoised: Tensor
-
-
-class Counted:
-    """A model that counts its calls: ``nfe``, the number of function evaluations so far.
-
-    Wraps any ``model(x, t, ...)`` (a denoiser, a network, an exact model) without changing
-    what it returns, so that the cost of a sampler, a solver or a PnP loop is measured, not
-    computed from a formula.  With ``record=True`` each call is also kept in ``frames`` as a
-    :class:`Frame` ``(t, x, denoised)``: the states a solver visits and what the model made
-    of them.  ``reset()`` starts over.  Shapes: those of ``model``.
-    """
-
-    def __init__(self, model: Callable, record: bool = False):
-        if not callable(model):
-            raise TypeError(f"model must be callable, got {type(model).__name__}")
-        if not isinstance(record, bool):
-            raise TypeError(f"record must be True or False, got record = {record!r}")
-        self.model, self.record = model, record
-        self.nfe, self.frames = 0, []
-
-    @property
-    def n_classes(self) -> int | None:
-        """The wrapped model's number of classes, or None."""
-        return getattr(self.model, "n_classes", None)
-
-    def reset(self) -> None:
-        """Forget the calls counted and recorded so far."""
-        self.nfe, self.frames = 0, []
-
-    def __call__(self, x: Tensor, t, *args, **kwargs):
-        out = self.model(x, t, *args, **kwargs)
-        self.nfe += 1
-        if self.record:
-            if isinstance(t, Tensor):
-                t = float(t) if t.numel() == 1 else t.detach().clone()
-            self.frames.append(Frame(t, x.detach().clone(), out.detach().clone()))
-        return out
-
-
-def counted(model: Callable, record: bool = False) -> Counted:
-    """``model`` as a :class:`Counted`: its calls counted in ``nfe`` (and kept in ``frames``
-    when ``record``)."""
-    return Counted(model, record)
 
 
 # -- sweeps over the number of model calls --------------------------------------------------------

@@ -145,21 +145,6 @@ def test_on_device_calls_the_model_in_its_dtype_and_returns_like_x():
     assert lab.on_device(lambda x, t: x).n_classes is None
 
 
-def test_counted_counts_and_records_the_calls_of_a_sampler():
-    gauss = analytic.Gaussian(torch.zeros(2), torch.eye(2))
-    model = lab.counted(gauss.denoiser(VP), record=True)
-    x = VP.prior_sample((5, 2), generator=lab.seeded(8))
-    ts = samplers.time_grid(VP, 4)
-    out = samplers.SAMPLERS["heun"](model, x, ts, VP)
-    assert model.nfe == samplers.model_calls("heun", 4) == len(model.frames)
-    t, state, denoised = model.frames[0]
-    assert t == 1.0 and torch.equal(state, x)
-    assert torch.equal(denoised, gauss.denoiser(VP)(x, 1.0))
-    assert torch.equal(out, samplers.SAMPLERS["heun"](gauss.denoiser(VP), x, ts, VP))
-    model.reset()
-    assert model.nfe == 0 and model.frames == []
-
-
 # -- sweeps over the number of model calls --------------------------------------------------------
 @pytest.mark.parametrize(
     ("name", "nfe", "options", "steps"),
@@ -296,8 +281,6 @@ def test_panels_makes_the_figure_and_hands_draw_its_axes():
         (lambda: lab.rotated_covariance(math.nan, (1.0, 1.0)), ValueError, "angle"),
         (lambda: lab.on_device("net"), TypeError, "model must be callable"),
         (lambda: lab.on_device(abs, dtype=torch.int64), TypeError, "dtype"),
-        (lambda: lab.counted(None), TypeError, "model must be callable"),
-        (lambda: lab.counted(abs, record=1), TypeError, "record"),
         (lambda: lab.steps_for_nfe("heun", 1), ValueError, "nfe = 1"),
         (lambda: lab.steps_for_nfe("heun", 0), ValueError, "nfe"),
         (lambda: lab.steps_for_nfe("rk45", 10), ValueError, "rk45"),
