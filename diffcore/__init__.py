@@ -12,7 +12,8 @@ priors, PnP and exact posteriors (:mod:`diffcore.inverse`).  Every sampler and s
 one stepping engine (:mod:`diffcore.stepping`).  Diffusions that start from the degraded image
 (RDDM, Resfusion, ResShift) are in :mod:`diffcore.residual`, mean-reverting diffusions and
 diffusion bridges in :mod:`diffcore.bridges`, multiplicative (geometric Brownian) diffusion of
-positive data in :mod:`diffcore.multiplicative`.  The pictures the chapters share,
+positive data in :mod:`diffcore.multiplicative`, per-frequency (shortest-path) diffusion in
+:mod:`diffcore.spectral`.  The pictures the chapters share,
 exact densities on a grid, images tiled into one array and figures redrawn by sliders, are in
 :mod:`diffcore.plot`; what the chapters' checks and sweeps share (seeded draws, errors against
 an exact answer, sweeps over the number of model calls, explorers) in :mod:`diffcore.lab`.
@@ -34,6 +35,7 @@ from diffcore import (
     processes,
     residual,
     samplers,
+    spectral,
     stepping,
     targets,
     train,

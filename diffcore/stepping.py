@@ -5,7 +5,8 @@ to :func:`integrate`, which owns everything the methods share:
 
 - the time grid: checked (:func:`check_time_grid`) and read once into :class:`Point`\ s, one per
   time, holding :math:`t`, :math:`\alpha_t`, :math:`\sigma_t`, their derivatives and the
-  log-SNR :math:`\lambda_t = \log(\alpha_t/\sigma_t)` as Python floats;
+  log-SNR :math:`\lambda_t = \log(\alpha_t/\sigma_t)` as Python floats (for the diagonal processes of
+  :mod:`diffcore.spectral`, tensors with one entry per coefficient);
 - the model call, :meth:`Interval.D`, which counts calls (the NFE) and checks the shape of what
   the model returns;
 - the noise, :meth:`Interval.noise`: ``noise_sampler(i, shape)`` when given, else a standard
@@ -84,17 +85,22 @@ class Point:
 def grid_points(process, ts: Tensor, like: Tensor) -> list[Point]:
     """The :class:`Point` of every time of ``ts`` (not checked: see :func:`check_time_grid`).
 
-    Shapes: ``ts`` ``(n,)``; ``like`` any tensor whose dtype and device the times take.
+    Shapes: ``ts`` ``(n,)``; ``like`` any tensor whose dtype and device the times take.  A
+    process with one schedule per coefficient (:class:`diffcore.spectral.Diagonal`) gives
+    ``(d,)`` tensors in place of the floats.
     """
     ts64 = ts.to(torch.float64)
+
+    def column(values: Tensor) -> list:  # (n,): floats; (n, d), one per coefficient: tensors
+        if values.ndim == 1:
+            return values.tolist()
+        return list(values.to(device=like.device, dtype=like.dtype).unbind())
+
     columns = (
         ts64.tolist(),
         ts.to(device=like.device, dtype=like.dtype).unbind(),
-        process.alpha(ts64).tolist(),
-        process.sigma(ts64).tolist(),
-        process.lam(ts64).tolist(),
-        process.d_alpha(ts64).tolist(),
-        process.d_sigma(ts64).tolist(),
+        *(column(f(ts64)) for f in (process.alpha, process.sigma, process.lam)),
+        *(column(f(ts64)) for f in (process.d_alpha, process.d_sigma)),
     )
     return [Point(*values) for values in zip(*columns, strict=True)]
 
