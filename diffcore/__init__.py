@@ -13,7 +13,8 @@ one stepping engine (:mod:`diffcore.stepping`).  Diffusions that start from the 
 (RDDM, Resfusion, ResShift) are in :mod:`diffcore.residual`, mean-reverting diffusions and
 diffusion bridges in :mod:`diffcore.bridges`, multiplicative (geometric Brownian) diffusion of
 positive data in :mod:`diffcore.multiplicative`, per-frequency (shortest-path) diffusion in
-:mod:`diffcore.spectral`.  The pictures the chapters share,
+:mod:`diffcore.spectral`; denoising MCMC in :mod:`diffcore.dmcmc` and optimal start noise for
+conditional samplers in :mod:`diffcore.boundary`.  The pictures the chapters share,
 exact densities on a grid, images tiled into one array and figures redrawn by sliders, are in
 :mod:`diffcore.plot`; what the chapters' checks and sweeps share (seeded draws, errors against
 an exact answer, sweeps over the number of model calls, explorers) in :mod:`diffcore.lab`.
@@ -21,8 +22,10 @@ an exact answer, sweeps over the number of model calls, explorers) in :mod:`diff
 
 from diffcore import (
     analytic,
+    boundary,
     bridges,
     data,
+    dmcmc,
     flowmap,
     guidance,
     inverse,
