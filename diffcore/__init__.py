@@ -13,7 +13,8 @@ one stepping engine (:mod:`diffcore.stepping`).  Diffusions that start from the 
 (RDDM, Resfusion, ResShift) are in :mod:`diffcore.residual`, mean-reverting diffusions and
 diffusion bridges in :mod:`diffcore.bridges`, multiplicative (geometric Brownian) diffusion of
 positive data in :mod:`diffcore.multiplicative`, per-frequency (shortest-path) diffusion in
-:mod:`diffcore.spectral`; denoising MCMC in :mod:`diffcore.dmcmc` and optimal start noise for
+:mod:`diffcore.spectral`; exact inversion of samplers (DDIM inversion, EDICT, BDIA) in :mod:`diffcore.inversion`,
+denoising MCMC in :mod:`diffcore.dmcmc` and optimal start noise for
 conditional samplers in :mod:`diffcore.boundary`.  The pictures the chapters share,
 exact densities on a grid, images tiled into one array and figures redrawn by sliders, are in
 :mod:`diffcore.plot`; what the chapters' checks and sweeps share (seeded draws, errors against
@@ -29,6 +30,7 @@ from diffcore import (
     flowmap,
     guidance,
     inverse,
+    inversion,
     lab,
     likelihood,
     metrics,
