@@ -27,8 +27,11 @@ schedule of every coefficient,
     \bar\alpha_k(t) = \frac{S_k^{\,1-t} - 1}{S_k - 1}
 
 (:math:`1 - t` where :math:`S_k = 1`), and the path's length is the Fisher–Rao distance
-:math:`\sqrt{\tfrac12\sum_k \log^2 S_k}` (:func:`fisher_length` measures any path).
-Coefficients with :math:`S_k > 1` (coarse structure) keep their signal longest.
+:math:`\sqrt{\tfrac12\sum_k \log^2 S_k}` (:func:`fisher_length` measures any path).  The
+share :math:`\bar\alpha_k` of the signal kept falls first for the coefficients of large variance
+(the coarse structure) and last for the faint fine detail, so next to VP the process sharpens
+the image as it noises it, as the paper observes; the coarse coefficients' signal-to-noise ratio
+:math:`S_k\bar\alpha_k/(1 - \bar\alpha_k)` stays the larger all the same.
 
 **Paper and code.**  The official code (mtkresearch/shortest-path-diffusion,
 ``create_fourier_diffusion``) uses the complex Fourier basis (``fft2``, ``norm="ortho"``,
