@@ -406,10 +406,8 @@ def bdia_pair(
     :math:`D(x_n, t_n)`).
     """
     gamma = _gamma(gamma)
-    if isinstance(x, Tensor):
-        start, given = x, None
-    else:
-        start, given = _pair(x, "x")
+    # a pair is a tuple; anything else goes to the engine, which names what it got
+    start, given = _pair(x, "x") if isinstance(x, tuple) else (x, None)
     before = {}
 
     def update(k, x):

@@ -58,7 +58,8 @@ def sampler_output_law(
 
     .. math:: m = y(x = \bar x_0, z = 0), \qquad C = A C_0 A^\top + \sum_k B_k B_k^\top,
 
-    with the Jacobians :math:`A`, :math:`B_k` from :math:`d` backward passes.  ``options`` go to
+    with the Jacobians :math:`A`, :math:`B_k` from :math:`d` backward passes (a registered
+    sampler whose facts say it is not affine is refused).  ``options`` go to
     the sampler (``eta``, ``denoise_last``, ...).  Cost: one run and :math:`d` backward passes
     with a batch of one.  Shapes: returns ``mean`` ``(d,)`` and ``cov`` ``(d, d)``, float64.
     """
@@ -82,6 +83,11 @@ def sampler_output_law(
                 raise ValueError(
                     f"{name!r} is not an option of {sampler.name} here (its options: {allowed})"
                 )
+        if not sampler.is_affine(**options):
+            raise ValueError(
+                f"{sampler.name} with options {options} is not affine in its start state, so "
+                "its output law on Gaussian data is not Gaussian; estimate it by Monte Carlo"
+            )
     ts = _samplers.check_time_grid(ts).to(torch.float64)
     dtype = torch.float64
     d = gaussian.dim

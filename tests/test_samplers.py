@@ -372,10 +372,11 @@ def test_t_min_callback_and_denoise_last(name):
     assert last.i == 6 and last.x is denoised and last.denoised is denoised
 
 
-# annealed_langevin scales its steps by the last level, and unipc skips the corrector on its last
-# step: for them a run on a shortened grid is not the start of the full run
+# annealed_langevin scales its steps by the last level, unipc skips the corrector on its last
+# step, and evodiff does both (its balance weighs the noise level against the grid's ends, and
+# its last step has no probe): for them a run on a shortened grid is not the start of the full run
 @pytest.mark.parametrize(
-    "name", [n for n in samplers.SAMPLERS if n not in ("annealed_langevin", "unipc")]
+    "name", [n for n in samplers.SAMPLERS if n not in ("annealed_langevin", "unipc", "evodiff")]
 )
 def test_callback_states_are_the_runs_on_shortened_grids(name):
     vp = processes.VP()
@@ -422,6 +423,7 @@ def test_registry_and_signature():
     assert set(samplers.SAMPLERS) == {
         "euler", "heun", "ddpm", "ddim", "euler_maruyama", "pc", "annealed_langevin",
         "dpm_solver_1", "dpm_solver_2", "dpm_solver_3", "dpmpp_2m", "dpmpp_3m", "unipc", "plms",
+        "evodiff", "lml", "bdia",
     }  # fmt: skip
     for name, sampler in samplers.SAMPLERS.items():
         assert isinstance(sampler, samplers.Sampler) and sampler.name == name

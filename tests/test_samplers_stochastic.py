@@ -43,7 +43,7 @@ def _w2_to(law, mean, cov):
     return float(metrics.gaussian_w2(mean, cov, law.mean, law.cov))
 
 
-@pytest.mark.parametrize("name", list(samplers.SAMPLERS))
+@pytest.mark.parametrize("name", [n for n, s in samplers.SAMPLERS.items() if s.is_affine()])
 def test_exact_law_matches_monte_carlo(name):
     """20,000 runs from exact samples of p_{t_0}: the sample mean and covariance lie within 5
     standard errors of the exact law.  The output is exactly Gaussian, so the standard errors
@@ -259,6 +259,35 @@ def test_sampler_output_law_refuses_bad_input():
         metrics.sampler_output_law("ddpm", g, ts, vp, noise_sampler=lambda i, shape: None)
     with pytest.raises(ValueError, match=r"eta must be in \[0, 1\], got eta = -1"):
         metrics.sampler_output_law("ddim", g, ts, vp, eta=-1)
+    with pytest.raises(ValueError, match=r"evodiff with options \{\} is not affine"):
+        metrics.sampler_output_law("evodiff", g, ts, vp)
+
+
+@pytest.mark.parametrize(
+    "name,options",
+    [(n, {}) for n in samplers.SAMPLERS] + [("lml", {"memory": 0.5}), ("bdia", {"gamma": 0.5})],
+)
+def test_affine_facts_are_true(name, options):
+    """The registry's ``affine`` fact, checked: on Gaussian data (an affine exact denoiser) the
+    deterministic run's second difference f(a) - 2 f((a + b)/2) + f(b) vanishes to round-off
+    exactly for the samplers said to be affine, and is far from zero for the others."""
+    vp, g = processes.VP(), _gaussian()
+    ts = samplers.time_grid(vp, 6, kind="logsnr", t_min=T_MIN, t_max=T_MAX)
+    sampler = samplers.SAMPLERS[name]
+    gen = torch.Generator().manual_seed(1)
+    a, b = (g.marginal(T_MAX, vp).sample(16, generator=gen) for _ in range(2))
+
+    def run(x):  # the same noise for each start
+        return sampler(
+            g.denoiser(vp), x, ts, vp, generator=torch.Generator().manual_seed(2), **options
+        )
+
+    second = run(a) - 2 * run((a + b) / 2) + run(b)
+    size = float(run(a).abs().max())
+    if sampler.is_affine(**options):
+        assert float(second.abs().max()) <= 1e-12 * size, name
+    else:
+        assert float(second.abs().max()) > 1e-3 * size, name
 
 
 @pytest.mark.parametrize(
