@@ -13,7 +13,8 @@ engine (:mod:`diffcore.stepping`). Diffusions that start from the degraded image
 ResShift) are in :mod:`diffcore.residual`, mean-reverting diffusions and diffusion bridges in
 :mod:`diffcore.bridges`, multiplicative (geometric Brownian) diffusion of positive data in
 :mod:`diffcore.multiplicative`, per-frequency (shortest-path) diffusion in
-:mod:`diffcore.spectral`, joint image and label diffusion in :mod:`diffcore.multitask`; exact
+:mod:`diffcore.spectral`, joint image and label diffusion in :mod:`diffcore.multitask`, noise shaped by a segmentation
+(SAM-DiffSR) or made of deformations (DRDM) in :mod:`diffcore.structured`; exact
 inversion of samplers (DDIM inversion, EDICT, BDIA) in :mod:`diffcore.inversion`, denoising MCMC in
 :mod:`diffcore.dmcmc` and optimal start noise for conditional samplers in :mod:`diffcore.boundary`;
 MMD fine-tuning through a few-step sampler in :mod:`diffcore.finetune` and post-training
@@ -47,6 +48,7 @@ from diffcore import (
     samplers,
     spectral,
     stepping,
+    structured,
     targets,
     train,
 )
@@ -75,6 +77,7 @@ __all__ = [
     "samplers",
     "spectral",
     "stepping",
+    "structured",
     "targets",
     "train",
 ]
