@@ -211,8 +211,11 @@ class UNet(_Conditional):
     (``attention=True``; cheap at that resolution).  The conditioning vector of ``t`` (and of
     the label) has width ``4 * base`` and is added inside every block.
 
+    ``out_channels`` (default: ``channels``) sets the channels of the output, for a network
+    that reads an image and returns something else of its size, such as a displacement field.
+
     Shapes: ``forward(x, t, label=None)`` with ``x`` ``(B, channels, H, W)``, ``H`` and ``W``
-    divisible by ``2 ** (len(mults) - 1)``; returns ``(B, channels, H, W)``.
+    divisible by ``2 ** (len(mults) - 1)``; returns ``(B, out_channels, H, W)``.
     """
 
     def __init__(
@@ -223,9 +226,13 @@ class UNet(_Conditional):
         attention: bool = True,
         time_embedding: int = 64,
         n_classes: int | None = None,
+        out_channels: int | None = None,
     ):
         super().__init__()
         self.channels = count(channels, "channels")
+        out_channels = (
+            self.channels if out_channels is None else count(out_channels, "out_channels")
+        )
         count(base, "base")
         if not (isinstance(mults, (tuple, list)) and len(mults) >= 1):
             raise ValueError(f"mults must be a non-empty tuple of positive integers, got {mults!r}")
@@ -247,7 +254,7 @@ class UNet(_Conditional):
             prev = w
         self.out_norm, self.out = (
             nn.GroupNorm(_groups(prev), prev),
-            nn.Conv2d(prev, channels, 3, 1, 1),
+            nn.Conv2d(prev, out_channels, 3, 1, 1),
         )
 
     def forward(self, x: Tensor, t, label=None) -> Tensor:

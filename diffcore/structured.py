@@ -140,6 +140,7 @@ __all__ = [
     "DeformationPath",
     "deformation_path",
     "recovery_loss",
+    "deformation_recovery_loss",
     "recover",
 ]
 
@@ -794,21 +795,69 @@ def recovery_loss(prediction: Tensor, step: Tensor, eps: float = 0.0) -> Tensor:
     return ((residual**2).flatten(1).sum(1) / ((step**2).flatten(1).sum(1) + eps)).mean()
 
 
+def deformation_recovery_loss(
+    model: Callable,
+    x0: Tensor,
+    n_steps: int,
+    *,
+    bound: float,
+    scales=(2, 4),
+    repeat: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""DRDM's training objective: deform each image by a random number of steps, then score
+    the network's field against undoing the last one.
+
+    For each image, :math:`t` uniform on :math:`\{1, \dots, n\}`, a forward path
+    (:func:`deformation_path`) to :math:`U_t`, and the network's field :math:`r =
+    \text{model}(\operatorname{warp}(x_0, U_t), t/n)`, scored by :func:`recovery_loss` against
+    the last step :math:`u_t` (``repeat=True``: one field composed with itself, as the official
+    code draws them, so that the last step is a function of the whole field).  The model reads the time as the fraction :math:`t/n \in (0, 1]`,
+    as in :func:`recover`.  To be passed to :func:`diffcore.train.fit` with
+    ``functools.partial`` (the other arguments bound).  Shapes: ``x0`` ``(batch, C, H, W)``;
+    ``model(x, t)`` takes ``t`` ``(batch,)`` and returns ``(batch, 2, H, W)``; returns a scalar.
+    """
+    finite(floating(x0, "x0"), "x0")
+    if x0.ndim != 4:
+        raise ValueError(f"x0 must have shape (batch, C, H, W), got x0 of shape {tuple(x0.shape)}")
+    n_steps = count(n_steps, "n_steps")
+    batch, size = x0.shape[0], tuple(x0.shape[-2:])
+    gen_device = generator.device if generator is not None else x0.device
+    t = torch.randint(1, n_steps + 1, (batch,), generator=generator, device=gen_device)
+    path = deformation_path(
+        batch,
+        size,
+        n_steps,
+        bound=bound,
+        scales=scales,
+        repeat=repeat,
+        generator=generator,
+        dtype=x0.dtype,
+        device=gen_device,
+    )
+    rows = torch.arange(batch, device=gen_device)
+    field, step = path.fields[t, rows].to(x0.device), path.steps[t - 1, rows].to(x0.device)
+    prediction = model(warp(x0, field), (t / n_steps).to(x0))
+    _field(prediction, "model(x, t)", like=x0)
+    return recovery_loss(prediction, step)
+
+
 def recover(model: Callable, image: Tensor, field: Tensor, n_steps: int) -> tuple[Tensor, Tensor]:
     r"""DRDM's reverse process: predict a recovering field, compose it, resample the original.
 
-    For :math:`t = n, \dots, 1`: :math:`r_t =` ``model(warp(image, U), t)``, :math:`U
+    For :math:`t = n, \dots, 1`: :math:`r_t =` ``model(warp(image, U), t / n)``, :math:`U
     \leftarrow U \circ r_t`; the image is always resampled from ``image`` (one interpolation,
     not one per step).  With the exact inverses of the forward steps, last step first, the
     field returns to zero.  ``model(x, t)`` returns a field ``(batch, 2, H, W)``; ``t`` is the
-    integer step.  Shapes: ``image`` ``(batch, C, H, W)``, ``field`` ``(batch, 2, H, W)``;
+    fraction :math:`t/n \in (0, 1]` of the step, a float (as in
+    :func:`deformation_recovery_loss`).  Shapes: ``image`` ``(batch, C, H, W)``, ``field`` ``(batch, 2, H, W)``;
     returns the recovered image and its field.
     """
     finite(floating(image, "image"), "image")
     _field(field, like=image)
     n_steps = count(n_steps, "n_steps")
     for t in range(n_steps, 0, -1):
-        r = model(warp(image, field), t)
+        r = model(warp(image, field), t / n_steps)
         _field(r, f"model(x, {t})", like=image)
         field = compose(field, r)
     return warp(image, field), field

@@ -129,3 +129,11 @@ def test_bad_input_is_refused():
         nets.MLP(2, depth=0)
     with pytest.raises(ValueError, match=r"mults must be a non-empty tuple"):
         nets.UNet(mults=())
+
+
+def test_unet_out_channels_sets_the_output_width_only():
+    net = nets.UNet(channels=1, base=8, attention=False, out_channels=2)
+    out = net(torch.zeros(3, 1, 8, 8), torch.full((3,), 0.5))
+    assert out.shape == (3, 2, 8, 8)
+    with pytest.raises(ValueError, match="out_channels"):
+        nets.UNet(channels=1, base=8, out_channels=0)

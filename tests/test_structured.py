@@ -13,6 +13,7 @@ from diffcore.structured import (
     compose,
     ddpm_mask_coefficient,
     deformation_path,
+    deformation_recovery_loss,
     encode_segments,
     folding_fraction,
     gradient_bound,
@@ -593,7 +594,7 @@ def test_recover_with_exact_inverses_returns_the_field_to_zero():
     inner = (slice(None), slice(None), slice(margin, size - margin), slice(margin, size - margin))
 
     def oracle(x, t):
-        return inverses[t - 1]
+        return inverses[round(t * n) - 1]
 
     out, back = recover(oracle, image, field, n)
     err = back[inner].abs().max().item()
@@ -601,7 +602,7 @@ def test_recover_with_exact_inverses_returns_the_field_to_zero():
     assert err < 1e-12 and (out - image)[inner].abs().max() < 1e-12
 
     def wrong_order(x, t):
-        return inverses[n - t]
+        return inverses[n - round(t * n)]
 
     _, off = recover(wrong_order, image, field, n)
     print(f"  wrong order: {off[inner].abs().max().item():.2e} px")
@@ -642,3 +643,39 @@ def test_bad_input():
         warp(image, torch.zeros(2, 2, 8, 8), padding="wrap")
     with pytest.raises(ValueError, match="n_steps"):
         ddpm_mask_coefficient(VP, 0.5, 0)
+
+
+def test_deformation_recovery_loss_scores_the_last_step():
+    """The training objective: 1 for the zero field (to round-off), and near 0 for a model
+    that knows the drawn step and returns its inverse (a model that redraws the path from the
+    same generator state): what is left is bilinear interpolation, about 1e-3 of |u|^2 at any b
+    below 1/2; the first-order inverse -u misses a term of relative size ~ b, so at b = 0.3 its
+    loss is over ten times larger.  The model reads t/n."""
+    images = torch.rand(6, 1, 16, 16, generator=_gen(20))
+    seen = []
+
+    def zero(x, t):
+        seen.append(t)
+        return torch.zeros(x.shape[0], 2, *x.shape[-2:])
+
+    loss = deformation_recovery_loss(zero, images, 4, bound=0.1, generator=_gen(21))
+    assert abs(loss.item() - 1) < 1e-14
+    assert seen[0].shape == (6,) and set(seen[0].tolist()) <= {0.25, 0.5, 0.75, 1.0}
+
+    def redrawn_step(seed):
+        gen = _gen(seed)
+        torch.randint(1, 2, (6,), generator=gen)  # the loss's draw of t (n = 1)
+        return deformation_path(6, 16, 1, bound=0.3, generator=gen).steps[0]
+
+    def knows_the_step(x, t):
+        return inverse_field(redrawn_step(22))
+
+    def first_order(x, t):
+        return -redrawn_step(22)
+
+    exact = deformation_recovery_loss(knows_the_step, images, 1, bound=0.3, generator=_gen(22))
+    rough = deformation_recovery_loss(first_order, images, 1, bound=0.3, generator=_gen(22))
+    print(f"\nrecovery loss: exact inverse {exact.item():.1e}, -u {rough.item():.1e}")
+    assert exact < 2e-3 and rough > 10 * exact
+    with pytest.raises(ValueError, match="x0"):
+        deformation_recovery_loss(zero, torch.zeros(6, 16, 16), 4, bound=0.1)
