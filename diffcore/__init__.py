@@ -18,7 +18,8 @@ ResShift) are in :mod:`diffcore.residual`, mean-reverting diffusions and diffusi
 inversion of samplers (DDIM inversion, EDICT, BDIA) in :mod:`diffcore.inversion`, denoising MCMC in
 :mod:`diffcore.dmcmc` and optimal start noise for conditional samplers in :mod:`diffcore.boundary`;
 MMD fine-tuning through a few-step sampler in :mod:`diffcore.finetune` and post-training
-quantisation in :mod:`diffcore.quantize`. The pictures the chapters share, exact densities on a
+quantisation in :mod:`diffcore.quantize`; conservativity, gauge freedom and intrinsic dimension
+of a learned field in :mod:`diffcore.gauge`. The pictures the chapters share, exact densities on a
 grid, images tiled into one array and figures redrawn by sliders, are in :mod:`diffcore.plot`; what
 the chapters' checks and sweeps share (seeded draws, errors against an exact answer, sweeps over
 the number of model calls, explorers) in :mod:`diffcore.lab`.
@@ -32,6 +33,7 @@ from diffcore import (
     dmcmc,
     finetune,
     flowmap,
+    gauge,
     guidance,
     inverse,
     inversion,
@@ -61,6 +63,7 @@ __all__ = [
     "dmcmc",
     "finetune",
     "flowmap",
+    "gauge",
     "guidance",
     "inverse",
     "inversion",
