@@ -51,6 +51,8 @@ MATHJAX_DIR = Path(
     )
 )
 REQUIRE_BROWSER = os.environ.get("DIFFCORE_REQUIRE_BROWSER", "") == "1"
+# a full-page screenshot of a long chapter on two busy cores can outlast playwright's default 30 s
+SHOT_TIMEOUT_MS = 120_000
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -373,12 +375,16 @@ def test_pages_render_in_browser(built_book: BookBuild, served_book: str, tmp_pa
                 report = page.evaluate(CHECK_PAGE_JS)
                 name = rel.replace("/", "__").removesuffix(".html") + ".png"
                 for directory in shots:
-                    page.screenshot(path=str(directory / name), full_page=True)
+                    page.screenshot(
+                        path=str(directory / name), full_page=True, timeout=SHOT_TIMEOUT_MS
+                    )
                 scrubbed = page.evaluate(SCRUB_JS)
                 page.evaluate(DARK_JS)
                 page.wait_for_timeout(100)
                 for directory in shots:
-                    page.screenshot(path=str(directory / "dark" / name), full_page=True)
+                    page.screenshot(
+                        path=str(directory / "dark" / name), full_page=True, timeout=SHOT_TIMEOUT_MS
+                    )
                 page.close()
                 scrubbers[rel] = len(scrubbed)
 
