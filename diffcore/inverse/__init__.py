@@ -10,13 +10,16 @@
   total variation with its exact and closed-form proximal operators; PnP-DM, a posterior
   sampler whose prior step is a diffusion model.
 - :mod:`diffcore.inverse.blind`: blind deblurring, image and kernel unknown (Blind-PnPDM).
+- :mod:`diffcore.inverse.measurements`: priors learned from measurements only: MSM's partial
+  denoisers and their aggregation, SelfDB's self-supervised bridge loss, and the score-based
+  KL between two priors, from clean data or from measurements.
 
 The exact posterior of a Gaussian-mixture prior is
 :meth:`diffcore.analytic.GaussianMixture.posterior`.
 """
 
-from diffcore.inverse import blind, operators, pnp, solvers
+from diffcore.inverse import blind, measurements, operators, pnp, solvers
 from diffcore.inverse.operators import measure
 from diffcore.inverse.solvers import SOLVERS
 
-__all__ = ["operators", "solvers", "pnp", "blind", "measure", "SOLVERS"]
+__all__ = ["operators", "solvers", "pnp", "blind", "measurements", "measure", "SOLVERS"]
