@@ -13,13 +13,25 @@
 - :mod:`diffcore.inverse.measurements`: priors learned from measurements only: MSM's partial
   denoisers and their aggregation, SelfDB's self-supervised bridge loss, and the score-based
   KL between two priors, from clean data or from measurements.
+- :mod:`diffcore.inverse.particles`: posterior sampling with particles: twisted sequential
+  Monte Carlo (asymptotically exact), active subsampling, two priors at once, and FlowChef's
+  steering without backpropagation (``PARTICLE_SOLVERS``, in the solvers' signature).
 
 The exact posterior of a Gaussian-mixture prior is
 :meth:`diffcore.analytic.GaussianMixture.posterior`.
 """
 
-from diffcore.inverse import blind, measurements, operators, pnp, solvers
+from diffcore.inverse import blind, measurements, operators, particles, pnp, solvers
 from diffcore.inverse.operators import measure
 from diffcore.inverse.solvers import SOLVERS
 
-__all__ = ["operators", "solvers", "pnp", "blind", "measurements", "measure", "SOLVERS"]
+__all__ = [
+    "operators",
+    "solvers",
+    "pnp",
+    "blind",
+    "measurements",
+    "particles",
+    "measure",
+    "SOLVERS",
+]
