@@ -10,9 +10,12 @@ reason checkable (Horvat & Pfister; the Wasserstein-gradient-flow reading of dif
 :func:`asymmetry` measures the relative size of the antisymmetric part,
 
 .. math::
-    a(x) = \frac{\lVert J - J^\top\rVert_F}{2\lVert J\rVert_F}
-         = \frac{\lVert A\rVert_F}{\sqrt{\lVert S\rVert_F^2 + \lVert A\rVert_F^2}} \in [0, 1],
-    \qquad S = \tfrac12(J + J^\top),\; A = \tfrac12(J - J^\top),
+    \begin{aligned}
+    a(x) &= \frac{\lVert J - J^\top\rVert_F}{2\lVert J\rVert_F}
+          = \frac{\lVert A\rVert_F}{\sqrt{\lVert S\rVert_F^2 + \lVert A\rVert_F^2}}
+          \in [0, 1], \\
+    S &= \tfrac12(J + J^\top), \qquad A = \tfrac12(J - J^\top),
+    \end{aligned}
 
 0 for a gradient (for :math:`s(x) = -x + cRx` in 2-D, :math:`R` the rotation by 90 degrees,
 :math:`a = c/\sqrt{1 + c^2}`).  Globally, a gradient's line integral
