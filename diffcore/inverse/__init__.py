@@ -16,12 +16,15 @@
 - :mod:`diffcore.inverse.particles`: posterior sampling with particles: twisted sequential
   Monte Carlo (asymptotically exact), active subsampling, two priors at once, and FlowChef's
   steering without backpropagation (``PARTICLE_SOLVERS``, in the solvers' signature).
+- :mod:`diffcore.inverse.physics`: physics in the loop: slice-stacked operators and
+  through-plane TV by ADMM (DiffusionMBIR), data consistency at every step for MRI, the
+  unrolled posterior mean (Diff-Unfolding) and RELD.
 
 The exact posterior of a Gaussian-mixture prior is
 :meth:`diffcore.analytic.GaussianMixture.posterior`.
 """
 
-from diffcore.inverse import blind, measurements, operators, particles, pnp, solvers
+from diffcore.inverse import blind, measurements, operators, particles, physics, pnp, solvers
 from diffcore.inverse.operators import measure
 from diffcore.inverse.solvers import SOLVERS
 
@@ -32,6 +35,7 @@ __all__ = [
     "blind",
     "measurements",
     "particles",
+    "physics",
     "measure",
     "SOLVERS",
 ]
