@@ -46,6 +46,7 @@ from diffcore.inverse.operators import (
     inner,
 )
 from diffcore.inverse.pnp import noise_level_time
+from diffcore.inverse.solvers import _problem
 from diffcore.processes import Process
 from diffcore.stepping import Step, check_time_grid, emit, integrate
 
@@ -87,34 +88,10 @@ def _measurement(operator: LinearOperator, y, name: str = "y") -> Tensor:
 
 
 def _solver_problem(y, operator, sigma_y, ts, process, x, generator):
-    """The checked measurement (expanded to the batch of ``x``), the start state (drawn at
-    ``ts[0]`` when None) and the noise level, as the solvers of :mod:`~diffcore.inverse.solvers`
-    take them."""
-    _operator(operator)
-    _process(process)
-    sigma_y = noise_level(sigma_y, "sigma_y")
-    ts = check_time_grid(ts).to(torch.float64)
-    if float(process.alpha(ts[0])) <= 0:
-        raise ValueError(
-            f"alpha must be > 0 on the grid, got alpha(ts[0]) = 0 at ts[0] = {float(ts[0]):.6g}"
-        )
-    y = _measurement(operator, y)
-    dtype = y.real.dtype if y.is_complex() else y.dtype
-    if x is None:
-        sigma_0 = float(process.sigma(ts[0]))
-        shape = (y.shape[0], *operator.in_shape)
-        x = sigma_0 * torch.randn(shape, generator=generator, dtype=dtype, device=y.device)
-    else:
-        operator.check_input(x)
-        finite(x, "x")
-        if y.shape[0] not in (1, x.shape[0]):
-            raise ValueError(
-                f"y has batch {y.shape[0]} but x has batch {x.shape[0]}: give one y, or one "
-                f"per sample"
-            )
-    if y.shape[0] != x.shape[0]:
-        y = y.expand(x.shape[0], *operator.out_shape)
-    return y, x.detach(), sigma_y, ts
+    """The solvers' checked problem (:mod:`~diffcore.inverse.solvers`): the measurement
+    expanded to the batch of ``x``, the start state, the noise level, and the grid."""
+    y, x, sigma_y = _problem(y, operator, sigma_y, ts, process, x, generator)
+    return y, x, sigma_y, check_time_grid(ts).to(torch.float64)
 
 
 # -- 3-D from 2-D: operators ----------------------------------------------------------------------
