@@ -13,12 +13,12 @@ priors (:class:`diffcore.analytic.GaussianMixture` and its exact ``posterior``):
   same kind (a modified diffusion plus a reweighting term); only its abstract was available
   here, so this module implements the discrete-time TDS form, whose weights are written below.
 - :func:`greedy_exact_choice`, :func:`ads_scores`, :func:`ads_choice`, :func:`active_subsample`:
-  active diffusion subsampling (ADS, Nolan, Stevens, van Gorp, van Sloun, 2024): the next pixel
+  active diffusion subsampling (ADS, Nolan, Stevens, van Nierop, van Sloun, 2024): the next pixel
   is the one whose predicted measurement has maximum entropy under the posterior particles.
 - :func:`stack_mixtures`, :func:`stacked_denoiser`, :func:`dehaze`: two diffusion priors at
   once, :math:`y = x + h + \sigma_y n` with separate priors for the signal :math:`x` and the
   structured corruption :math:`h` (Stevens et al., 2023, dehazing ultrasound), sampled jointly.
-- :func:`flowchef`, :func:`flowchef_law`: FlowChef (Patel, Wen, Cheng & Sun, 2024), steering a
+- :func:`flowchef`, :func:`flowchef_law`: FlowChef (Patel, Wen, Metaxas & Yang, 2024), steering a
   rectified flow by a gradient-skipping correction of its own estimate of :math:`x_0`.
 
 States are ``(B, *in_shape)``; the measurement is one ``y`` of shape ``(1, *out_shape)`` (or
