@@ -31,6 +31,8 @@ CONTINUOUS = {
     "vp_cosine": processes.VPCosine(),
     "ve": processes.VE(),
     "linear": processes.Linear(),
+    # DDPM's linear betas, log alpha linear between its 1000 steps
+    "discrete": processes.Discrete(torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)),
 }
 ROT = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)  # +90 degrees
 SKEW = 1.3 * ROT.T  # a skew-symmetric gauge matrix
