@@ -6,9 +6,9 @@ size at which its fixed point or its law is known exactly:
 - **3-D from 2-D priors** (DiffusionMBIR, Chung et al., 2023; the 2.5-D strategy of
   DiffSPECT-3D): a 2-D prior acts slice by slice on a volume ``(B, D, H, W)``, and a total
   variation along the through-plane axis, :math:`\lambda\lVert D_z x\rVert_1`, ties the slices
-  together.  :class:`SliceStack` applies a 2-D operator (CT's :class:`~diffcore.inverse.
-  operators.Radon`, MRI's :class:`~diffcore.inverse.operators.FourierSubsampling`) to every
-  slice; :class:`ThroughPlaneDifference` is :math:`D_z`; :func:`admm_tv` solves the TV
+  together.  :class:`SliceStack` applies a 2-D operator (CT's
+  :class:`~diffcore.inverse.operators.Radon`, MRI's
+  :class:`~diffcore.inverse.operators.FourierSubsampling`) to every slice; :class:`ThroughPlaneDifference` is :math:`D_z`; :func:`admm_tv` solves the TV
   sub-problem by ADMM with a conjugate-gradient :math:`x`-update whose dual variables
   (:class:`TVState`) carry over between diffusion steps; :func:`diffusion_mbir` alternates
   the slice-wise denoiser with a few ADMM iterations.
@@ -102,7 +102,7 @@ class SliceStack(LinearOperator):
     channel of one is dropped from the volume: for ``slice_shape = (1, H, W)`` (CT's
     :class:`~diffcore.inverse.operators.Radon`, single-coil MRI) ``in_shape = (D, H, W)``, else
     ``in_shape = (D, *slice_shape)``; ``out_shape = (D, *out2)``.  Because :math:`A^\top A =
-    I_D \otimes A_2^\top A_2` is block diagonal, :meth:`pinv` and :meth:`normal_solve` are the
+    I_D \otimes A_2^\top A_2` is block diagonal, ``pinv`` and ``normal_solve`` are the
     2-D operator's, slice by slice (closed form where it has one).  The adjoint is exact: the
     dot-product test holds to round-off when it holds for :math:`A_2`.  DiffusionMBIR stores a
     volume as a batch of slices; here the batch holds volumes and the slices are an axis.
@@ -460,9 +460,11 @@ def data_consistency(
     the weighted version: the posterior mean when :math:`x_0 \sim \mathcal N(\hat x_0,
     s^2 I)`, ``s = spread``,
 
-    .. math:: x = \arg\min_x \frac{\lVert y - A x\rVert^2}{2\sigma_y^2}
-        + \frac{\lVert x - \hat x_0\rVert^2}{2 s^2}
-        = (A^\top A + \gamma I)^{-1}(A^\top y + \gamma\hat x_0), \quad \gamma = \sigma_y^2/s^2,
+    .. math::
+        x &= \arg\min_x \frac{\lVert y - A x\rVert^2}{2\sigma_y^2}
+             + \frac{\lVert x - \hat x_0\rVert^2}{2 s^2} \\
+          &= (A^\top A + \gamma I)^{-1}(A^\top y + \gamma\hat x_0),
+          \qquad \gamma = \sigma_y^2/s^2,
 
     which on a symmetric mask sets each measured entry to :math:`(s^2 y_k + \sigma_y^2
     \widehat{F x}_k)/(s^2 + \sigma_y^2)` and keeps the others.  ``mask`` is a boolean ``(H, W)``
@@ -741,8 +743,8 @@ def reld(
 
     .. math::
         x_{k+1} &= \arg\min_x \frac{\lVert y - A x\rVert^2}{2\sigma_y^2}
-                   + \frac\beta2\lVert x - v_k\rVert^2
-                 = (A^\top A + \beta\sigma_y^2 I)^{-1}(A^\top y + \beta\sigma_y^2 v_k), \\
+                   + \frac\beta2\lVert x - v_k\rVert^2 \\
+                &= (A^\top A + \beta\sigma_y^2 I)^{-1}(A^\top y + \beta\sigma_y^2 v_k), \\
         v_{k+1} &= \operatorname{Dec}\big(D_\sigma(E(x_{k+1}))\big),
 
     the data step by ``operator.normal_solve`` (closed form or conjugate gradients), the prior
