@@ -91,7 +91,7 @@ from diffcore.checks import (
     returned_shape,
 )
 from diffcore.likelihood import value_and_divergence
-from diffcore.processes import Process
+from diffcore.processes import Process, check_process
 
 __all__ = [
     "field_jacobian",
@@ -139,12 +139,6 @@ def _time(t, x: Tensor) -> Tensor:
     if t.ndim > 1:
         raise ValueError(f"t must be a float or have shape (batch,), got {tuple(t.shape)}")
     return t
-
-
-def _process(process) -> Process:
-    if not isinstance(process, Process):
-        raise TypeError(f"process must be a diffcore Process, got {process!r}")
-    return process
 
 
 def _coef(value: Tensor, x: Tensor) -> Tensor:
@@ -445,7 +439,7 @@ def velocity_field(score: Callable, process: Process) -> Callable:
     ``(batch, d)`` and ``t`` (float or ``(batch,)``) to ``(batch, d)``.
     """
     _callable(score, "score")
-    _process(process)
+    check_process(process)
 
     def velocity(x: Tensor, t) -> Tensor:
         s = returned(score(x, t), x, "score(x, t)")
@@ -459,7 +453,7 @@ def reverse_sde_drift(score: Callable, process: Process) -> Callable:
     r"""The drift of the reverse SDE :math:`dx = [f(t)x - g^2(t)s(x, t)]\,dt + g(t)\,d\bar w`,
     run from :math:`t = 1` down to 0.  Shapes as :func:`velocity_field`."""
     _callable(score, "score")
-    _process(process)
+    check_process(process)
 
     def drift(x: Tensor, t) -> Tensor:
         s = returned(score(x, t), x, "score(x, t)")
@@ -682,7 +676,7 @@ def score_spectrum(field: Callable, x: Tensor, t, process: Process) -> Tensor:
     manifold at small :math:`\sigma_t`: :math:`d - k` of them near :math:`-1`, :math:`k` near
     0.  Shapes: ``x`` ``(batch, d)``, ``t`` a float or ``(batch,)``; returns ``(batch, d)``.
     """
-    _process(process)
+    check_process(process)
     jac = field_jacobian(field, x, t)
     sigma2 = process.sigma(_time(t, x)).to(x) ** 2
     sym = 0.5 * (jac + jac.transpose(1, 2))

@@ -129,7 +129,7 @@ from diffcore.checks import (
 )
 from diffcore.guidance import classifier_guided_denoiser
 from diffcore.nets import sinusoidal_embedding
-from diffcore.processes import Process
+from diffcore.processes import Process, check_process
 from diffcore.samplers import SAMPLERS
 from diffcore.stepping import integrate
 from diffcore.targets import convert
@@ -202,8 +202,7 @@ class JointProcess:
     """
 
     def __init__(self, process: Process, embedding):
-        if not isinstance(process, Process):
-            raise TypeError(f"process must be a diffcore Process, got {type(process).__name__}")
+        check_process(process)
         embedding = torch.as_tensor(embedding)
         if not (embedding.is_floating_point() or embedding.is_complex()):
             embedding = embedding.to(torch.get_default_dtype())

@@ -34,6 +34,7 @@ from diffcore.checks import (
 
 __all__ = [
     "Process",
+    "check_process",
     "VP",
     "VPCosine",
     "VE",
@@ -158,6 +159,13 @@ def _as_tensor(value) -> Tensor:
     if isinstance(value, Tensor):
         return value if value.is_floating_point() else value.to(torch.get_default_dtype())
     return torch.as_tensor(value, dtype=torch.get_default_dtype())
+
+
+def check_process(process, name: str = "process") -> Process:
+    """``process`` checked to be a :class:`Process` (``TypeError`` naming it otherwise)."""
+    if not isinstance(process, Process):
+        raise TypeError(f"{name} must be a diffcore Process, got {type(process).__name__}")
+    return process
 
 
 class VP(Process):

@@ -45,6 +45,7 @@ from diffcore.checks import (
 
 __all__ = [
     "LinearOperator",
+    "check_operator",
     "SVD",
     "MatrixOperator",
     "Identity",
@@ -287,6 +288,16 @@ class LinearOperator:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(in_shape={self.in_shape}, out_shape={self.out_shape})"
+
+
+def check_operator(operator, name: str = "operator") -> LinearOperator:
+    """``operator`` checked to be a :class:`LinearOperator` (``TypeError`` naming it otherwise)."""
+    if not isinstance(operator, LinearOperator):
+        raise TypeError(
+            f"{name} must be a diffcore.inverse.operators.LinearOperator, got "
+            f"{type(operator).__name__}"
+        )
+    return operator
 
 
 def as_shape(shape, name: str = "shape") -> tuple[int, ...]:

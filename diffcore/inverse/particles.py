@@ -38,9 +38,9 @@ from torch import Tensor
 
 from diffcore.analytic import GaussianMixture
 from diffcore.checks import between, count, finite, floating, noise_level, nonnegative, positive
-from diffcore.inverse.operators import LinearOperator
+from diffcore.inverse.operators import LinearOperator, check_operator
 from diffcore.inverse.solvers import Solver
-from diffcore.processes import Process
+from diffcore.processes import Process, check_process
 from diffcore.stepping import check_time_grid, ddim_step, ddim_weights, integrate
 
 __all__ = [
@@ -68,21 +68,6 @@ _LOG_2PI = math.log(2 * math.pi)
 
 
 # -- shared checks -------------------------------------------------------------------------------
-def _check_operator(operator) -> LinearOperator:
-    if not isinstance(operator, LinearOperator):
-        raise TypeError(
-            f"operator must be a diffcore.inverse.operators.LinearOperator, got "
-            f"{type(operator).__name__}"
-        )
-    return operator
-
-
-def _check_process(process) -> Process:
-    if not isinstance(process, Process):
-        raise TypeError(f"process must be a diffcore Process, got {type(process).__name__}")
-    return process
-
-
 def _check_grid(ts, process) -> Tensor:
     ts = check_time_grid(ts).to(torch.float64)
     alpha_0 = float(process.alpha(ts[0]))
@@ -288,8 +273,8 @@ def twisted_smc(
     one at the start (NFE = steps + 1), and an eigendecomposition of the dense :math:`AA^\top`.
     Returns an :class:`SMCResult` (particles ``(N, *in_shape)``, log weights, ESS history).
     """
-    operator = _check_operator(operator)
-    process = _check_process(process)
+    operator = check_operator(operator)
+    process = check_process(process)
     sigma_y = noise_level(sigma_y, "sigma_y")
     if sigma_y == 0:
         raise ValueError(
@@ -563,7 +548,7 @@ def active_subsample(
     the initially observed pixels (default none).  One model call and one backward pass per
     step, plus one.  Returns an :class:`ADSResult`.
     """
-    process = _check_process(process)
+    process = check_process(process)
     floating(x_true, "x_true")
     finite(x_true, "x_true")
     if x_true.ndim < 2 or x_true.shape[0] != 1:
@@ -714,7 +699,7 @@ def dehaze(
     ``(B, 2, *shape)``.  One call of each model and one backward pass per step, plus one.
     """
     joint = stacked_denoiser(model_x, model_h)
-    process = _check_process(process)
+    process = check_process(process)
     sigma_y = noise_level(sigma_y, "sigma_y")
     eta = between(eta, "eta", 0, 1)
     guidance_scale = positive(guidance_scale, "guidance_scale")
@@ -792,8 +777,8 @@ def flowchef(
     0`; none when the grid ends at :math:`t = 0`).  One model call per step and no backward
     pass.
     """
-    operator = _check_operator(operator)
-    process = _check_process(process)
+    operator = check_operator(operator)
+    process = check_process(process)
     noise_level(sigma_y, "sigma_y")
     step_size = positive(step_size, "step_size")
     inner_steps = count(inner_steps, "inner_steps")
@@ -842,9 +827,9 @@ def flowchef_law(
     affine (else ``ValueError``).  ``y``: one measurement ``(1, *out_shape)``.  Shapes: returns
     ``mean`` ``(d,)`` and ``cov`` ``(d, d)``.
     """
-    operator = _check_operator(operator)
+    operator = check_operator(operator)
     y = _one_measurement(y, operator.out_shape, type(operator).__name__)
-    ts = _check_grid(ts, _check_process(process))
+    ts = _check_grid(ts, check_process(process))
     d = operator.in_dim
     gen = torch.Generator(device=y.device).manual_seed(0)
     probe = torch.randn(1, d, generator=gen, dtype=y.dtype, device=y.device)

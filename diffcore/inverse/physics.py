@@ -42,12 +42,13 @@ from diffcore.checks import between, count, finite, floating, noise_level, nonne
 from diffcore.inverse.operators import (
     FourierSubsampling,
     LinearOperator,
+    check_operator,
     conjugate_gradient,
     inner,
 )
 from diffcore.inverse.pnp import noise_level_time
 from diffcore.inverse.solvers import _problem
-from diffcore.processes import Process
+from diffcore.processes import Process, check_process
 from diffcore.stepping import Step, check_time_grid, emit, integrate
 
 __all__ = [
@@ -67,21 +68,6 @@ __all__ = [
 
 
 # -- shared checks -------------------------------------------------------------------------------
-def _operator(operator, name: str = "operator") -> LinearOperator:
-    if not isinstance(operator, LinearOperator):
-        raise TypeError(
-            f"{name} must be a diffcore.inverse.operators.LinearOperator, got "
-            f"{type(operator).__name__}"
-        )
-    return operator
-
-
-def _process(process) -> Process:
-    if not isinstance(process, Process):
-        raise TypeError(f"process must be a diffcore Process, got {type(process).__name__}")
-    return process
-
-
 def _measurement(operator: LinearOperator, y, name: str = "y") -> Tensor:
     operator.check_output(y, name)
     return finite(y, name)
@@ -109,7 +95,7 @@ class SliceStack(LinearOperator):
     """
 
     def __init__(self, operator: LinearOperator, depth: int):
-        self.operator = _operator(operator)
+        self.operator = check_operator(operator)
         self.depth = count(depth, "depth")
         self.slice_shape = tuple(operator.in_shape)
         squeeze = len(self.slice_shape) == 3 and self.slice_shape[0] == 1
@@ -226,7 +212,7 @@ def through_plane_tv_objective(
     ``v`` is needed when ``mu > 0``.  Shapes: ``y`` ``(B, *out_shape)``, ``x`` and ``v``
     ``(B, D, *plane)``; returns ``(B,)``.
     """
-    _operator(operator)
+    check_operator(operator)
     lam, mu = nonnegative(lam, "lam"), nonnegative(mu, "mu")
     operator.check_input(x)
     y = _measurement(operator, y)
@@ -280,7 +266,7 @@ def admm_tv(
     ``callback(step)`` sees each :math:`x_k` (``state``: ``{"z", "u"}``).  Shapes: ``y``
     ``(B, *out_shape)``, ``v``, ``x`` ``(B, D, *plane)``; returns ``(x, state)``.
     """
-    _operator(operator)
+    check_operator(operator)
     lam, mu, rho = _tv_weights(lam, mu, rho)
     n_iter, n_cg = count(n_iter, "n_iter"), count(n_cg, "n_cg")
     y = _measurement(operator, y)
@@ -618,8 +604,8 @@ def unrolled_posterior_mean(
     """
     if not callable(denoiser):
         raise TypeError(f"denoiser must be callable as D(x, t), got {type(denoiser).__name__}")
-    _operator(operator)
-    _process(process)
+    check_operator(operator)
+    check_process(process)
     t = between(float(t) if isinstance(t, Tensor) else t, "t", 0, 1, open_low=True)
     n_iter = count(n_iter, "n_iter")
     sigma_y = noise_level(sigma_y, "sigma_y")
@@ -768,7 +754,7 @@ def reld(
     for fn, name in ((latent_denoiser, "latent_denoiser"), (encode, "encode"), (decode, "decode")):
         if not callable(fn):
             raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
-    _operator(operator)
+    check_operator(operator)
     sigma_y = noise_level(sigma_y, "sigma_y")
     if sigma_y == 0:
         raise ValueError("the data term divides by sigma_y^2: give sigma_y > 0")

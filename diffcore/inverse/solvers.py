@@ -41,8 +41,8 @@ import torch
 from torch import Tensor
 
 from diffcore.checks import between, count, noise_level, positive
-from diffcore.inverse.operators import LinearOperator, conjugate_gradient, inner
-from diffcore.processes import Process
+from diffcore.inverse.operators import LinearOperator, check_operator, conjugate_gradient, inner
+from diffcore.processes import Process, check_process
 from diffcore.stepping import check_time_grid, eps_hat, integrate
 
 __all__ = [
@@ -62,13 +62,8 @@ __all__ = [
 def _problem(y, operator, sigma_y, ts, process, x, generator, draw=True):
     """The checked measurement (expanded to the batch of ``x``), the start state ``x`` (drawn
     from the prior at ``ts[0]`` when None, unless ``draw`` is False) and the noise level."""
-    if not isinstance(operator, LinearOperator):
-        raise TypeError(
-            f"operator must be a diffcore.inverse.operators.LinearOperator, got "
-            f"{type(operator).__name__}"
-        )
-    if not isinstance(process, Process):
-        raise TypeError(f"process must be a diffcore Process, got {type(process).__name__}")
+    check_operator(operator)
+    check_process(process)
     sigma_y = noise_level(sigma_y, "sigma_y")
     ts = check_time_grid(ts).to(torch.float64)
     alpha_0 = float(process.alpha(ts[0]))
