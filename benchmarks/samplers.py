@@ -370,7 +370,7 @@ def overhead_table(steps: int = 200, repeats: int = 30) -> dict:
     return per_step
 
 
-def diffusers_overhead_table(steps: int = 200, repeats: int = 30) -> None:
+def diffusers_overhead_table(steps: int = 200, repeats: int = 10) -> None:
     """For scale: the time per step of diffusers' matching schedulers, under the conditions of
     :func:`overhead_table` (their default 1,000-step DDPM schedule, ``set_timesteps(steps)``,
     the sample as the model output), ``step`` and the loop around it."""
@@ -396,7 +396,10 @@ def diffusers_overhead_table(steps: int = 200, repeats: int = 30) -> None:
             for t in scheduler.timesteps:
                 y = scheduler.step(y, t, y).prev_sample  # the free model: output = input
             best[name] = min(best[name], (time.perf_counter() - start) / len(scheduler.timesteps))
-    print(f"\nfor scale, diffusers {diffusers.__version__}: its matching schedulers' time per step")
+    print(
+        f"\nfor scale, diffusers {diffusers.__version__}: its matching schedulers' time per step, "
+        f"best of {repeats}"
+    )
     print(f"{'sampler':<18}{'us/step':>9}   scheduler")
     for name, seconds in best.items():
         print(f"{name:<18}{seconds * 1e6:>9.1f}   {schedulers[name][0].__name__}")
